@@ -1,0 +1,68 @@
+"""conv_in widening, empty-prompt embedding and tiny components."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from lightning_modules.components import empty_prompt_embedding, ensure_eight_channel_unet, widen_conv_in
+from lightning_modules.tiny import TinySpec, build_tiny_components
+
+
+def four_channel_unet() -> UNet2DConditionModel:
+    config = TinySpec().unet | {"in_channels": 4}
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**config).double()  # float64 so "exact" means 1e-12, not float32 rounding
+    with torch.no_grad():
+        unet.conv_in.bias.normal_()  # a zero bias would hide the difference between the two bias rules
+    return unet
+
+
+def test_marigold_rule_reproduces_output_when_latent_fed_twice():
+    unet = four_channel_unet()
+    old_conv = unet.conv_in
+    latent = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    expected = old_conv(latent)
+    widen_conv_in(unet, "marigold")
+    assert unet.conv_in.in_channels == 8 and unet.config.in_channels == 8
+    torch.testing.assert_close(unet.conv_in(torch.cat([latent, latent], dim=1)), expected, rtol=0, atol=1e-12)
+
+
+def test_e2e_rule_halves_output_for_latent_and_zeros():
+    unet = four_channel_unet()
+    old_conv = unet.conv_in
+    latent = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    expected = 0.5 * old_conv(latent)
+    widen_conv_in(unet, "e2e_ft")
+    widened = unet.conv_in(torch.cat([latent, torch.zeros_like(latent)], dim=1))
+    torch.testing.assert_close(widened, expected, rtol=0, atol=1e-12)
+
+
+def test_widened_unet_runs_and_rejects_bad_input():
+    unet = four_channel_unet()
+    ensure_eight_channel_unet(unet, "e2e_ft")
+    context = torch.randn(1, 2, 32, dtype=torch.float64)
+    out = unet(torch.randn(1, 8, 8, 8, dtype=torch.float64), 999, encoder_hidden_states=context).sample
+    assert out.shape == (1, 4, 8, 8)
+    ensure_eight_channel_unet(unet, "e2e_ft")  # already 8 channels: untouched
+    assert unet.conv_in.in_channels == 8
+    with pytest.raises(ValueError, match="4 input channels"):
+        widen_conv_in(unet, "marigold")
+    with pytest.raises(ValueError, match="unknown conv_in rule"):
+        widen_conv_in(four_channel_unet(), "other")
+
+
+def test_empty_prompt_is_two_tokens_by_default():
+    parts = build_tiny_components(TinySpec())
+    ids = parts.tokenizer("").input_ids
+    assert ids == [parts.tokenizer.bos_token_id, parts.tokenizer.eos_token_id]
+    short = empty_prompt_embedding(parts.text_encoder, parts.tokenizer)
+    padded = empty_prompt_embedding(parts.text_encoder, parts.tokenizer, "max_length")
+    assert short.shape == (1, 2, 32) and padded.shape == (1, 77, 32)
+    assert short.dtype == torch.float32
+
+
+def test_tiny_components_are_deterministic_per_seed():
+    a, b, c = (build_tiny_components(TinySpec(seed=s)) for s in (3, 3, 4))
+    wa, wb, wc = (p.unet.conv_in.weight for p in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.scheduler.config.clip_sample is False and a.scheduler.config.prediction_type == "v_prediction"
