@@ -1,0 +1,41 @@
+"""Entry point: `python -m experiments fit|validate|test|predict --config ...` (one LightningCLI)."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from experiments.batch_size import EffectiveBatchSize
+from experiments.config_defaults import expand_config_defaults
+
+
+class ExperimentCLI(LightningCLI):
+    """LightningCLI with the effective-batch-size group and config `defaults:` lists."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(EffectiveBatchSize, "batch")
+        parser.add_argument("--defaults", type=list[str] | None, default=None, help="group configs (expanded)")
+
+    def before_instantiate_classes(self) -> None:
+        # Already expanded into --config arguments; the saved config must not re-apply relative paths.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        config.defaults = None
+
+
+def main(args: list[str] | None = None, run: bool = True) -> ExperimentCLI:
+    """Run the CLI in-process; `args` as on the command line (tests pass them, the shell leaves them None)."""
+    return ExperimentCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=expand_config_defaults(sys.argv[1:] if args is None else list(args)),
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()
