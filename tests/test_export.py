@@ -1,0 +1,190 @@
+"""Export to a stock diffusers MarigoldDepthPipeline folder: layout, parity with predict_image, round trip, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import MarigoldDepthPipeline
+from PIL import Image
+
+from experiments.export import main as export_main
+from lightning_modules.export import export_to_diffusers
+from lightning_modules.inference import InferenceSpec, inference_scheduler, sample_latent
+from lightning_modules.module import GeometryEstimator
+from lightning_modules.tiny import TinySpec
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def perturbed_tiny_model(seed: int = 0) -> GeometryEstimator:
+    """Tiny model whose UNet is nudged away from its initialisation so outputs are not trivial."""
+    model = GeometryEstimator(tiny=TinySpec(seed=0)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> GeometryEstimator:
+    return perturbed_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def rgb() -> torch.Tensor:
+    """An image in [0,1], [1,3,64,96] (multiple of the VAE factor 8, so the pipeline neither pads nor resizes)."""
+    return torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+
+
+def load(folder: Path) -> MarigoldDepthPipeline:
+    pipeline = MarigoldDepthPipeline.from_pretrained(folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def run_native(pipeline: MarigoldDepthPipeline, rgb: torch.Tensor, steps: int, **kwargs):
+    """The pipeline in our E2E setting: zero initial latent, native resolution, one member."""
+    return pipeline(
+        rgb,
+        num_inference_steps=steps,
+        ensemble_size=1,
+        processing_resolution=0,
+        latents=torch.zeros(1, 4, rgb.shape[-2] // 8, rgb.shape[-1] // 8),
+        output_type="pt",
+        match_input_resolution=True,
+        **kwargs,
+    )
+
+
+def ours(model: GeometryEstimator, rgb: torch.Tensor, steps: int) -> torch.Tensor:
+    """predict_image (trailing, zeros) mapped to the pipeline's [0,1] depth."""
+    return (model.predict_image(rgb * 2 - 1, InferenceSpec(num_steps=steps)) + 1) / 2
+
+
+@pytest.fixture(scope="module")
+def folder(model: GeometryEstimator, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_to_diffusers(model, tmp_path_factory.mktemp("export") / "pipe", processing_resolution=64)
+
+
+def test_layout_and_configs(folder: Path, model: GeometryEstimator) -> None:
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "MarigoldDepthPipeline"
+    assert index["prediction_type"] == "depth" and index["scale_invariant"] and index["shift_invariant"]
+    assert index["default_denoising_steps"] == 1 and index["default_processing_resolution"] == 64
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMScheduler"
+    assert {k: scheduler[k] for k in ("clip_sample", "thresholding", "steps_offset", "timestep_spacing")} == {
+        "clip_sample": False, "thresholding": False, "steps_offset": 1, "timestep_spacing": "trailing"
+    }  # fmt: skip
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is False
+    assert (scheduler["beta_start"], scheduler["beta_end"], scheduler["beta_schedule"]) == (
+        0.00085, 0.012, "scaled_linear"
+    )  # fmt: skip
+    assert scheduler["set_alpha_to_one"] is True
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    assert unet_config["in_channels"] == 8
+
+
+def test_stock_pipeline_runs_with_defaults(folder: Path) -> None:
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    prediction = load(folder)(image).prediction
+    assert prediction.shape == (1, 64, 64, 1)
+    assert np.isfinite(prediction).all() and prediction.min() >= 0 and prediction.max() <= 1
+    assert prediction.std() > 1e-3
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_pipeline_matches_predict_image(folder: Path, model: GeometryEstimator, rgb: torch.Tensor, steps: int) -> None:
+    # With set_alpha_to_one the pipeline's last prev_sample is exactly x0 (sqrt(1)*x0 + sqrt(0)*eps).
+    pipeline_depth = run_native(load(folder), rgb, steps).prediction
+    torch.testing.assert_close(pipeline_depth, ours(model, rgb, steps), atol=1e-6, rtol=0)
+
+
+def test_non_divisor_steps_end_at_t0_in_the_pipeline(folder: Path, model: GeometryEstimator, rgb: torch.Tensor) -> None:
+    # diffusers' DDIM takes prev_t = t - 1000 // N; for N = 7 the last trailing step is t = 142 -> prev_t = 0,
+    # which uses alphas_cumprod[0] (0.99915), not final_alpha_cumprod: a small re-noise remains.
+    difference = (run_native(load(folder), rgb, 7).prediction - ours(model, rgb, 7)).abs().max()
+    assert 0 < difference < 0.05
+
+
+def test_published_scheduler_renoises_the_last_step(
+    model: GeometryEstimator, rgb: torch.Tensor, tmp_path: Path
+) -> None:
+    folder = export_to_diffusers(model, tmp_path / "pipe", processing_resolution=64, set_alpha_to_one=False)
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["set_alpha_to_one"] is False
+    output = run_native(load(folder), rgb, 1, output_latent=True)
+    # Our x0 latent, then DDIM's last update towards alphas_cumprod[0] from a zero latent at t = 999:
+    # eps = (0 - sqrt(a999) x0) / sqrt(1 - a999), prev = sqrt(a0) x0 + sqrt(1 - a0) eps = c x0 with c ~ 0.99758.
+    z_rgb = model.encode(rgb * 2 - 1)
+    x0 = sample_latent(
+        lambda z, t: model.unet_forward(z_rgb, z, t),
+        inference_scheduler(model.noise_scheduler),
+        torch.zeros_like(z_rgb),
+        1,
+    )
+    a0, a999 = model.noise_scheduler.alphas_cumprod[[0, 999]].double()
+    c = (a0.sqrt() - (1 - a0).sqrt() * (a999 / (1 - a999)).sqrt()).item()
+    assert c == pytest.approx(0.99758, abs=1e-5)
+    torch.testing.assert_close(output.latent, c * x0, atol=1e-5, rtol=1e-5)
+    difference = (output.prediction - ours(model, rgb, 1)).abs().max()
+    assert 1e-5 < difference < 0.01
+
+
+def test_reload_into_geometry_estimator_reproduces_predictions(
+    folder: Path, model: GeometryEstimator, rgb: torch.Tensor
+) -> None:
+    reloaded = GeometryEstimator(pretrained=str(folder)).eval()
+    assert torch.equal(reloaded.empty_text_embedding, model.empty_text_embedding)
+    for steps in (1, 4):
+        assert torch.equal(reloaded.predict_image(rgb * 2 - 1, InferenceSpec(num_steps=steps)),
+                           model.predict_image(rgb * 2 - 1, InferenceSpec(num_steps=steps)))  # fmt: skip
+
+
+def test_mismatched_text_encoder_is_rejected(model: GeometryEstimator, tmp_path: Path) -> None:
+    padded = GeometryEstimator(tiny=TinySpec(seed=0), prompt_padding="max_length")
+    with pytest.raises(ValueError, match="empty-prompt embedding"):
+        export_to_diffusers(padded, tmp_path / "padded")
+    other = export_to_diffusers(GeometryEstimator(tiny=TinySpec(seed=1)), tmp_path / "other", processing_resolution=64)
+    with pytest.raises(ValueError, match="does not reproduce"):
+        export_to_diffusers(model, tmp_path / "wrong", tokenizer_source=str(other))
+
+
+def test_export_command(tmp_path: Path, rgb: torch.Tensor, capsys: pytest.CaptureFixture[str]) -> None:
+    trained = perturbed_tiny_model(seed=5)
+    state = {k: v for k, v in trained.state_dict().items() if not k.startswith("vae.")}  # as checkpoints store it
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state}, ckpt)
+    # Shaped like the config.yaml a `fit` run saves: data and ckpt_path are ignored by the export.
+    config = {
+        "seed_everything": 0,
+        "ckpt_path": None,
+        "model": {"class_path": "lightning_modules.module.GeometryEstimator", "init_args": {"tiny": {"seed": 0}}},
+        "data": {"class_path": "datamodules.not_needed.DataModule", "init_args": {"batch_size": 2}},
+        "trainer": {"accelerator": "gpu", "devices": 4, "strategy": "ddp", "logger": False},
+    }
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "exported"
+    args = ["--config", str(config_path), "--ckpt_path", str(ckpt), "--out", str(out), "--processing_resolution", "64"]
+    export_main(args)
+    printed = capsys.readouterr().out
+    assert str(out.resolve()) in printed and "MarigoldDepthPipeline.from_pretrained" in printed
+    torch.testing.assert_close(run_native(load(out), rgb, 1).prediction, ours(trained, rgb, 1), atol=1e-6, rtol=0)
+
+    with pytest.raises(SystemExit):
+        export_main(["--config", str(config_path), "--ckpt_path", str(tmp_path / "missing.ckpt"), "--out", str(out)])
+    assert "missing.ckpt does not exist" in capsys.readouterr().err
