@@ -8,7 +8,6 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_modules.alignment import align_depth_lstsq
 from lightning_modules.components import (
     Components,
     ConvInRule,
@@ -19,17 +18,17 @@ from lightning_modules.components import (
 )
 from lightning_modules.inference import InferenceSpec, inference_scheduler, initial_latent, sample_latent
 from lightning_modules.lr_schedule import warmup_exponential_lambda
-from lightning_modules.metrics import DepthMetrics
+from torchmetrics import Metric
 from lightning_modules.objectives import E2EObjective, Objective
 from lightning_modules.tasks import TaskName, build_task
 from lightning_modules.tiny import TinySpec, build_tiny_components
-from lightning_modules.visualize import depth_preview_row, stack_rows
+from lightning_modules.visualize import stack_rows
 
 FROZEN_PREFIXES = ("vae.",)
 
 
 class GeometryEstimator(L.LightningModule):
-    """Marigold-style image-conditional diffusion model trained for depth with a switchable objective.
+    """Marigold-style image-conditional diffusion model for depth or normals with a switchable objective.
 
     Args:
         objective: `DiffusionObjective` (Marigold training) or `E2EObjective` (fixed-timestep task loss).
@@ -38,12 +37,12 @@ class GeometryEstimator(L.LightningModule):
         tiny: architecture of a tiny randomly initialised model built from config (demo and tests).
         conv_in_rule: bias rule when widening a 4-channel conv_in (`marigold` keeps it, `e2e_ft` halves it).
         prompt_padding: `none` = 2-token empty prompt (default), `max_length` = 77-token (E2E-FT trainer ablation).
-        task: what is predicted (`depth`).
+        task: what is predicted: `depth` (affine-invariant) or `normals` (camera frame, x left, y up, z out).
         lr, betas, eps, weight_decay: AdamW on the UNet parameters.
         warmup_steps, decay_steps, final_lr_ratio: linear warm-up then exponential decay to `final_lr_ratio`.
         gradient_checkpointing: recompute UNet (and VAE decoder) activations in the backward pass.
         inference: how validation/test/predict make predictions (steps, spacing, initial latent, seed).
-        eval_min_depth, eval_max_depth: metric depth range used to clip aligned predictions in metrics.
+        eval_min_depth, eval_max_depth: metric depth range used to clip aligned predictions (depth metrics).
         preview_batches: number of validation batches drawn into the TensorBoard preview grid.
     """
 
@@ -110,7 +109,7 @@ class GeometryEstimator(L.LightningModule):
 
     def configure_metrics(self, min_depth: float, max_depth: float) -> None:
         """One metric collection per stage, cloned so states never mix."""
-        self.val_metrics = DepthMetrics(min_depth=min_depth, max_depth=max_depth)
+        self.val_metrics = self.task.make_metrics(min_depth, max_depth)
         self.test_metrics = self.val_metrics.clone()
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -178,9 +177,9 @@ class GeometryEstimator(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
-    def _evaluate(self, batch: dict[str, Tensor], metrics: DepthMetrics) -> Tensor:
+    def _evaluate(self, batch: dict[str, Tensor], metrics: Metric) -> Tensor:
         prediction = self.predict_image(batch["rgb"])
-        metrics.update(prediction, batch["depth"], batch["mask"])
+        self.task.update_metrics(metrics, prediction, batch)
         return prediction
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -198,10 +197,9 @@ class GeometryEstimator(L.LightningModule):
         self._log_metrics(self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        depth = (self.predict_image(batch["rgb"]) + 1) / 2
-        return {"key": batch.get("key"), "depth": depth.float().cpu()}
+        return {"key": batch.get("key"), **self.task.export(self.predict_image(batch["rgb"]))}
 
-    def _log_metrics(self, metrics: DepthMetrics, stage: str) -> None:
+    def _log_metrics(self, metrics: Metric, stage: str) -> None:
         values = metrics.compute()
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=False)
         metrics.reset()
@@ -210,9 +208,8 @@ class GeometryEstimator(L.LightningModule):
         logger = self.logger
         if logger is None or not self.trainer.is_global_zero or not hasattr(logger.experiment, "add_image"):
             return
-        aligned = align_depth_lstsq(prediction.float(), batch["depth"].float(), batch["mask"])
         rows = [
-            depth_preview_row(batch["rgb"][i], batch["depth"][i].cpu(), aligned[i].cpu(), batch["mask"][i].cpu())
+            self.task.preview_row(prediction, batch, i)
             for i in range(prediction.shape[0])
             if batch["key"][i] != "__pad__"
         ]

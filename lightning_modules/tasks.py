@@ -1,19 +1,29 @@
-"""Per-task conversions between decoded VAE images and predictions, and the task losses (RECIPE §1.6, §2.2)."""
+"""What is predicted: conversions between decoded VAE images and predictions, task losses, metrics, previews.
+
+Depth (RECIPE §1.6, §2.2.1): channel mean of the decoded image clamped to [-1, 1] (near = -1), affine-invariant
+L1 against the clamped metric depth, Marigold-protocol metrics after least-squares alignment.
+Normals (§1.6, §2.2.2): decoded image L2-normalised per pixel (x left, y up, z towards the viewer), guarded
+angular loss, DSINE-protocol metrics pooled over all valid pixels.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
-from lightning_modules.losses import affine_invariant_l1
+from lightning_modules.alignment import align_depth_lstsq
+from lightning_modules.losses import affine_invariant_l1, angular_loss
+from lightning_modules.metrics import DepthMetrics, NormalMetrics
+from lightning_modules.visualize import depth_preview_row, normals_preview_row
 
-TaskName = Literal["depth"]
+TaskName = Literal["depth", "normals"]
 
 
 class DepthTask:
-    """Affine-invariant depth: decoded image -> channel mean clamped to [-1, 1] (near = -1, far = +1)."""
+    """Affine-invariant depth."""
 
     name = "depth"
 
@@ -25,14 +35,59 @@ class DepthTask:
         return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)
 
     def loss(self, prediction: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """Affine-invariant L1 against the clamped metric depth, float32 inside."""
         return affine_invariant_l1(prediction, batch["depth_target"], batch["mask"])
 
+    def make_metrics(self, min_depth: float, max_depth: float) -> Metric:
+        return DepthMetrics(min_depth=min_depth, max_depth=max_depth)
 
-def build_task(name: str) -> DepthTask:
-    if name == "depth":
-        return DepthTask()
-    raise ValueError(f"unknown task {name!r}; available: 'depth'")
+    def update_metrics(self, metrics: Metric, prediction: Tensor, batch: dict[str, Tensor]) -> None:
+        metrics.update(prediction, batch["depth"], batch["mask"])
+
+    def preview_row(self, prediction: Tensor, batch: dict[str, Tensor], i: int) -> Tensor:
+        aligned = align_depth_lstsq(prediction[i : i + 1].float(), batch["depth"][i : i + 1].float(), batch["mask"][i : i + 1])
+        return depth_preview_row(batch["rgb"][i], batch["depth"][i].cpu(), aligned[0].cpu(), batch["mask"][i].cpu())
+
+    def export(self, prediction: Tensor) -> dict[str, Any]:
+        """Prediction in output conventions: depth in [0, 1], 0 = near (RECIPE §5.6)."""
+        return {"depth": ((prediction.float() + 1) / 2).cpu()}
+
+
+class NormalsTask:
+    """Camera-space surface normals."""
+
+    name = "normals"
+
+    def target_image(self, batch: dict[str, Tensor]) -> Tensor:
+        return batch["normals"]
+
+    def from_decoded(self, decoded: Tensor) -> Tensor:
+        decoded = decoded.float()
+        return (decoded / (decoded.norm(dim=1, keepdim=True) + 1e-5)).clamp(-1.0, 1.0)
+
+    def loss(self, prediction: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        return angular_loss(prediction, batch["normals"], batch["mask"])
+
+    def make_metrics(self, min_depth: float, max_depth: float) -> Metric:
+        return NormalMetrics()
+
+    def update_metrics(self, metrics: Metric, prediction: Tensor, batch: dict[str, Tensor]) -> None:
+        metrics.update(prediction, batch["normals"], batch["mask"])
+
+    def preview_row(self, prediction: Tensor, batch: dict[str, Tensor], i: int) -> Tensor:
+        return normals_preview_row(batch["rgb"][i], batch["normals"][i].cpu(), prediction[i].cpu(), batch["mask"][i].cpu())
+
+    def export(self, prediction: Tensor) -> dict[str, Any]:
+        return {"normals": prediction.float().cpu()}
+
+
+Task = DepthTask | NormalsTask
+
+
+def build_task(name: str) -> Task:
+    tasks = {"depth": DepthTask, "normals": NormalsTask}
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r}; available: {sorted(tasks)}")
+    return tasks[name]()
 
 
 def valid_latent_mask(mask: Tensor, factor: int, channels: int) -> Tensor:

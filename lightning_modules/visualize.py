@@ -37,3 +37,21 @@ def stack_rows(rows: list[Tensor]) -> Tensor:
     width = max(r.shape[2] for r in rows)
     padded = [torch.nn.functional.pad(r, (0, width - r.shape[2])) for r in rows]
     return torch.cat(padded, dim=1)
+
+
+def normals_to_rgb(normals: Tensor) -> Tensor:
+    """Colour normals as (n + 1) / 2 (RECIPE §5.6: [0, 0, 1] -> light blue)."""
+    return ((normals.float() + 1) / 2).clamp(0, 1)
+
+
+def normals_preview_row(rgb: Tensor, gt: Tensor, prediction: Tensor, mask: Tensor) -> Tensor:
+    """One image's row: RGB, GT normals, predicted normals, angular error (0-45 degrees, gray = invalid)."""
+    valid = mask[0]
+    image = ((rgb.float().cpu() + 1) / 2).clamp(0, 1)
+    cosine = torch.nn.functional.cosine_similarity(prediction.float(), gt.float(), dim=0).clamp(-1, 1)
+    error = torch.rad2deg(torch.arccos(cosine)).where(valid, torch.zeros_like(cosine))
+    error_color = colorize(error, 0.0, 45.0, cmap="magma")
+    gt_color = normals_to_rgb(gt)
+    for panel in (gt_color, error_color):
+        panel[:, ~valid] = 0.5
+    return torch.cat([image, gt_color, normals_to_rgb(prediction), error_color], dim=2)
