@@ -26,13 +26,17 @@ class ExperimentCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> ExperimentCLI:
     """Run the CLI in-process; `args` as on the command line (tests pass them, the shell leaves them None)."""
+    if args is None:  # from the shell: expand in place, since LightningCLI warns when given both
+        sys.argv[1:] = expand_config_defaults(sys.argv[1:])
+    else:
+        args = expand_config_defaults(list(args))
     return ExperimentCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=expand_config_defaults(sys.argv[1:] if args is None else list(args)),
+        args=args,
         run=run,
     )
 

@@ -1,0 +1,108 @@
+"""The LightningDataModule: WebDataset shards (or synthetic ones generated on first use) -> batches."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import lightning as L
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from datamodules.streams import TrainStream, ValidationStream
+from datamodules.synthetic import SyntheticSpec, ensure_synthetic
+
+
+def expand_shards(patterns: str | list[str] | None) -> list[str]:
+    """Shard paths from globs (`a/*.tar`), brace ranges (`a/train-{000000..000009}.tar`) or plain lists."""
+    if patterns is None:
+        return []
+    found: list[str] = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        for braced in wds.shardlists.expand_urls(os.path.expanduser(pattern)):
+            matches = sorted(glob.glob(braced)) if glob.has_magic(braced) else [braced]
+            missing = [m for m in matches if not Path(m).is_file()]
+            if not matches or missing:
+                raise FileNotFoundError(f"no shard file matches {missing[0] if missing else pattern!r}")
+            found.extend(matches)
+    return found
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Streams shards in the project's format (datamodules.shard_format) as batches of the batch contract.
+
+    Args:
+        train_shards: training shards: glob, brace pattern or list (defaults to the synthetic ones).
+        val_shards: validation shards, read completely and in order at every validation.
+        batch_size: micro-batch per device (the effective batch is set by `batch.effective_batch_size`).
+        val_batch_size: validation batch per device (default: `batch_size`).
+        num_workers: dataloader workers for training (validation decodes in the main process).
+        shuffle_buffer: samples held for shuffling the training stream.
+        hflip_prob: probability of a horizontal flip per training sample (normals get n_x negated).
+        seed: base seed of the training stream order.
+        min_depth, max_depth: valid ground-truth range in metres (outside it pixels are masked).
+        synthetic: generate procedural scenes into a cache folder on first use and use them.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 100,
+        hflip_prob: float = 0.5,
+        seed: int = 0,
+        min_depth: float = 1e-5,
+        max_depth: float = 80.0,
+        synthetic: SyntheticSpec | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {val_batch_size}")
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
+        if synthetic is None and train_shards is None and val_shards is None:
+            raise ValueError("give train_shards / val_shards, or a `synthetic` spec to generate data")
+        self.train_patterns, self.val_patterns = train_shards, val_shards
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.shuffle_buffer, self.hflip_prob, self.seed = num_workers, shuffle_buffer, hflip_prob, seed
+        self.min_depth, self.max_depth = min_depth, max_depth
+        self.synthetic = synthetic
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic shards once (rank 0 of each node); a no-op when they exist."""
+        if self.synthetic is not None:
+            ensure_synthetic(self.synthetic)
+
+    def _shards(self, split: str) -> list[str]:
+        patterns = self.train_patterns if split == "train" else self.val_patterns
+        if patterns is not None:
+            return expand_shards(patterns)
+        if self.synthetic is None:
+            raise ValueError(f"no {split} shards configured")
+        return ensure_synthetic(self.synthetic)[split]
+
+    def train_dataloader(self) -> DataLoader:
+        stream = TrainStream(
+            self._shards("train"),
+            self.batch_size,
+            self.shuffle_buffer,
+            self.hflip_prob,
+            self.seed,
+            self.min_depth,
+            self.max_depth,
+        )
+        return DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        stream = ValidationStream(self._shards("val"), self.val_batch_size, self.min_depth, self.max_depth)
+        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,117 @@
+"""The shard format: what one training/evaluation sample looks like on disk.
+
+Shards are WebDataset tar files named `<split>-NNNNNN.tar`. Each sample is a group of members sharing a key:
+
+| member | content |
+|---|---|
+| `__key__` | sample id, unique within the dataset (e.g. `synthetic-000042`, `ai_001_001-cam_00-0012`) |
+| `rgb.png` | 8-bit RGB image, the network input |
+| `depth.png` | 16-bit grayscale PNG; metres = value x `depth_scale`; 0 = no data |
+| `mask.png` | 8-bit grayscale PNG; 255 = valid pixel, 0 = invalid (sky, window, missing geometry) |
+| `normals.png` | optional 8-bit RGB PNG; n = value / 255 x 2 - 1, renormalised; camera frame x left, y up, z towards the viewer (RECIPE §4.1); ignored where mask = 0 |
+| `json` | metadata (UTF-8 JSON), see below |
+
+Metadata keys: `source` (`synthetic`, `hypersim`, `vkitti2`, ...), `domain` (`indoor` / `outdoor`), `depth_scale`
+(metres per depth unit: 0.001 = millimetres, the default; 0.01 = centimetres), `min_depth` / `max_depth` (valid
+range in metres), `intrinsics` ([fx, fy, cx, cy] in pixels), `height`, `width`, plus free-form provenance
+(`seed`, original file name, ...). All rasters of one sample have the same height and width.
+
+Depth is planar (along the optical axis), not distance to the camera centre. PNG is lossless, so depth keeps
+`depth_scale` precision (1 mm by default, up to 65.535 m); a value that does not fit raises an error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REQUIRED_MEMBERS = ("rgb.png", "depth.png", "mask.png", "json")
+DEFAULT_DEPTH_SCALE = 0.001
+
+
+class SampleFormatError(ValueError):
+    """A sample that does not follow the shard format (missing member, wrong size, undecodable image)."""
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    # No explicit mode: Pillow infers I;16 from uint16 (mode="I;16" raises in Pillow >= 13).
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_sample(
+    key: str,
+    rgb: np.ndarray,
+    depth: np.ndarray,
+    mask: np.ndarray,
+    normals: np.ndarray | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Pack one sample into WebDataset members: rgb uint8 HxWx3, depth float metres HxW, mask bool HxW."""
+    meta = dict(meta or {})
+    scale = float(meta.setdefault("depth_scale", DEFAULT_DEPTH_SCALE))
+    height, width = depth.shape
+    if rgb.shape != (height, width, 3) or rgb.dtype != np.uint8:
+        raise SampleFormatError(f"{key}: rgb must be uint8 {height}x{width}x3, got {rgb.dtype} {rgb.shape}")
+    if mask.shape != (height, width):
+        raise SampleFormatError(f"{key}: mask shape {mask.shape} differs from depth shape {depth.shape}")
+    valid = mask.astype(bool) & np.isfinite(depth) & (depth > 0)
+    units = np.where(valid, np.round(np.nan_to_num(depth, nan=0.0, posinf=0.0) / scale), 0)
+    if units.max(initial=0) > np.iinfo(np.uint16).max:
+        raise SampleFormatError(
+            f"{key}: depth {depth[valid].max():.3f} m does not fit 16 bits at depth_scale {scale}; use a larger scale"
+        )
+    valid &= units > 0
+    meta.update(height=height, width=width)
+    members = {
+        "__key__": key,
+        "rgb.png": _png(rgb),
+        "depth.png": _png(units.astype(np.uint16)),
+        "mask.png": _png(np.where(valid, 255, 0).astype(np.uint8)),
+        "json": json.dumps(meta).encode("utf-8"),
+    }
+    if normals is not None:
+        if normals.shape != (height, width, 3):
+            raise SampleFormatError(f"{key}: normals must be {height}x{width}x3, got {normals.shape}")
+        quantised = np.round((np.clip(np.nan_to_num(normals), -1, 1) + 1) / 2 * 255).astype(np.uint8)
+        members["normals.png"] = _png(quantised)
+    return members
+
+
+def _read_png(data: bytes, key: str, member: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.array(image)
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise SampleFormatError(f"{key}: cannot decode {member}: {err}") from err
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Unpack raw WebDataset members (bytes) into numpy arrays with exact dtypes and a metadata dict."""
+    key = raw.get("__key__", "?")
+    missing = [m for m in REQUIRED_MEMBERS if m not in raw]
+    if missing:
+        raise SampleFormatError(f"{key}: missing members {missing}")
+    meta = json.loads(raw["json"])
+    rgb = _read_png(raw["rgb.png"], key, "rgb.png")
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise SampleFormatError(f"{key}: rgb.png must be 8-bit RGB, got {rgb.dtype} {rgb.shape}")
+    units = _read_png(raw["depth.png"], key, "depth.png")
+    if units.ndim != 2 or units.dtype not in (np.uint16, np.int32):
+        raise SampleFormatError(f"{key}: depth.png must be 16-bit grayscale, got {units.dtype} {units.shape}")
+    depth = units.astype(np.float32) * np.float32(meta.get("depth_scale", DEFAULT_DEPTH_SCALE))
+    mask = _read_png(raw["mask.png"], key, "mask.png") > 127
+    if rgb.shape[:2] != depth.shape or mask.shape != depth.shape:
+        raise SampleFormatError(f"{key}: rgb {rgb.shape[:2]}, depth {depth.shape}, mask {mask.shape} differ in size")
+    sample = {"key": key, "rgb": rgb, "depth": depth, "mask": mask & (depth > 0), "meta": meta}
+    if "normals.png" in raw:
+        quantised = _read_png(raw["normals.png"], key, "normals.png").astype(np.float32)
+        normals = quantised / 255 * 2 - 1
+        normals /= np.maximum(np.linalg.norm(normals, axis=-1, keepdims=True), 1e-6)
+        sample["normals"] = normals.astype(np.float32)
+    return sample

@@ -1,0 +1,202 @@
+"""Iterable datasets over shards: an endless shuffled training stream and a finite, padded validation pass.
+
+Training shards are split by rank first (rank r of w reads shards[r::w]), then by dataloader worker, and
+resampled forever inside that subset, so no two ranks read the same shard. Validation reads every shard in a
+fixed order on every rank; rank r keeps samples i with i % w == r and pads with masked-out copies so every rank
+yields the same number of samples (unequal counts deadlock DDP) while nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
+
+from datamodules.shard_format import SampleFormatError, decode_sample
+from datamodules.targets import build_targets, hflip
+
+log = logging.getLogger(__name__)
+PAD_KEY = "__pad__"
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else from RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def worker_rank() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def shards_for(shards: list[str], rank: int, world: int, worker: int, workers: int) -> list[str]:
+    """This rank's shards (strided), then this worker's share of them; whole rank share if too few."""
+    if len(shards) < world:
+        raise ValueError(f"{len(shards)} training shards cannot be split over {world} processes; write more shards")
+    mine = shards[rank::world]
+    share = mine[worker::workers]
+    if not share:
+        log.warning("rank %d has %d shards for %d workers: workers share shards", rank, len(mine), workers)
+        share = mine
+    return share
+
+
+def _record_assignment(split: str, rank: int, world: int, worker: int, shards: list[str]) -> None:
+    """Append the shard assignment to $DGFT_SHARD_LOG (JSON lines) for inspection and tests."""
+    path = os.environ.get("DGFT_SHARD_LOG")
+    log.info("%s stream: rank %d/%d worker %d reads %d shards", split, rank, world, worker, len(shards))
+    if path:
+        with open(path, "a") as handle:
+            record = dict(split=split, rank=rank, world_size=world, worker=worker, shards=shards)
+            handle.write(json.dumps(record) + "\n")
+
+
+class SkipCounter:
+    """WebDataset error handler that logs and counts bad shards/samples instead of stopping the run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count, self.in_a_row = limit, 0, 0
+
+    def __call__(self, error: Exception) -> bool:
+        self.count += 1
+        self.in_a_row += 1
+        log.warning("skipped unreadable data (%d so far): %s", self.count, error)
+        if self.in_a_row > self.limit:
+            raise RuntimeError(f"{self.in_a_row} read errors in a row without a good sample; last: {error}") from error
+        return True
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+
+def _decoded(raw_samples: Iterator[dict[str, Any]], errors: SkipCounter, transform: Callable) -> Iterator[dict]:
+    for raw in raw_samples:
+        try:
+            sample = transform(decode_sample(raw))
+        except SampleFormatError as err:
+            errors(err)
+            continue
+        errors.ok()
+        yield sample
+
+
+def batches(samples: Iterator[dict[str, Any]], batch_size: int, drop_last: bool) -> Iterator[dict[str, Any]]:
+    bucket: list[dict[str, Any]] = []
+    for sample in samples:
+        bucket.append(sample)
+        if len(bucket) == batch_size:
+            yield default_collate(bucket)
+            bucket = []
+    if bucket and not drop_last:
+        yield default_collate(bucket)
+
+
+class TrainStream(IterableDataset):
+    """Endless stream of micro-batches from resampled shards, split by rank and worker."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        batch_size: int,
+        shuffle_buffer: int = 100,
+        hflip_prob: float = 0.5,
+        seed: int = 0,
+        min_depth: float = 1e-5,
+        max_depth: float = 80.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.shards, self.batch_size, self.shuffle_buffer = list(shards), batch_size, shuffle_buffer
+        self.hflip_prob, self.seed, self.min_depth, self.max_depth = hflip_prob, seed, min_depth, max_depth
+        self.seed_offset = 0  # set before iterating to vary the order, e.g. from the global step on resume
+
+    def _transform(self, rng: random.Random) -> Callable[[dict], dict]:
+        def transform(decoded: dict) -> dict:
+            sample = build_targets(decoded, self.min_depth, self.max_depth)
+            return hflip(sample) if rng.random() < self.hflip_prob else sample
+
+        return transform
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world = distributed_rank()
+        worker, workers = worker_rank()
+        share = shards_for(self.shards, rank, world, worker, workers)
+        _record_assignment("train", rank, world, worker, share)
+        rng = random.Random(f"{self.seed}/{self.seed_offset}/{rank}/{worker}")
+        errors = SkipCounter(limit=10 * len(share) + 100)
+        urls = ({"url": rng.choice(share)} for _ in iter(int, 1))
+        raw = wds.tarfile_to_samples(handler=errors)(urls)
+        samples = _decoded(raw, errors, self._transform(rng))
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        return batches(samples, self.batch_size, drop_last=True)
+
+
+class ValidationStream(IterableDataset):
+    """One deterministic pass over all samples, shared out over ranks with masked padding."""
+
+    def __init__(
+        self, shards: list[str], batch_size: int, min_depth: float = 1e-5, max_depth: float = 80.0
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.shards, self.batch_size = sorted(shards), batch_size
+        self.min_depth, self.max_depth = min_depth, max_depth
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world = distributed_rank()
+        _record_assignment("val", rank, world, 0, self.shards)
+        return batches(self._padded(rank, world), self.batch_size, drop_last=False)
+
+    def _padded(self, rank: int, world: int) -> Iterator[dict[str, Any]]:
+        errors = SkipCounter(limit=1_000_000)
+        mine, total = [], 0
+        for raw in wds.tarfile_to_samples(handler=errors)({"url": s} for s in self.shards):
+            if total % world == rank:
+                mine.append(raw)
+            total += 1
+        if total == 0:
+            raise RuntimeError(f"no readable validation samples in {len(self.shards)} shards")
+        per_rank = math.ceil(total / world)
+        yielded, template = 0, None
+        for raw in mine:
+            try:
+                sample = build_targets(decode_sample(raw), self.min_depth, self.max_depth)
+            except SampleFormatError as err:
+                errors(err)
+                continue
+            template = template or sample
+            yielded += 1
+            yield sample
+        self.skipped = errors.count
+        if yielded < per_rank and template is None:
+            template = self._any_sample()
+        for _ in range(per_rank - yielded):
+            yield pad_like(template)
+
+    def _any_sample(self) -> dict[str, Any]:
+        """Some decodable sample of the set, as the shape template for padding."""
+        for raw in wds.tarfile_to_samples(handler=SkipCounter(limit=1_000_000))({"url": s} for s in self.shards):
+            try:
+                return build_targets(decode_sample(raw), self.min_depth, self.max_depth)
+            except SampleFormatError:
+                continue
+        raise RuntimeError(f"no decodable validation sample in {len(self.shards)} shards")
+
+
+def pad_like(sample: dict[str, Any]) -> dict[str, Any]:
+    """A same-shaped stand-in sample with an empty mask: metrics skip it, so nothing is counted twice."""
+    pad = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else v) for k, v in sample.items()}
+    pad["key"], pad["mask"] = PAD_KEY, torch.zeros_like(sample["mask"])
+    return pad
