@@ -37,14 +37,17 @@ def inference_scheduler(noise_scheduler: SchedulerMixin, spacing: Spacing = "tra
 
 
 def initial_latent(shape: torch.Size, kind: InitLatent, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    """Initial latent for a batch; every sample gets the noise of `seed`, so a result never depends on its batch."""
     if kind == "zeros":
         return torch.zeros(shape, device=device, dtype=dtype)
+    one = (1, *shape[1:])
     if kind == "gaussian":
-        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-    if kind == "pyramid":
-        return pyramid_noise(shape, 0.9, generator=generator).to(device=device, dtype=dtype)
-    raise ValueError(f"unknown initial latent {kind!r}")
+        noise = torch.randn(one, generator=torch.Generator(device="cpu").manual_seed(seed))
+    elif kind == "pyramid":
+        noise = pyramid_noise(one, 0.9, generator=torch.Generator(device="cpu").manual_seed(seed))
+    else:
+        raise ValueError(f"unknown initial latent {kind!r}")
+    return noise.expand(shape).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()

@@ -123,3 +123,15 @@ def test_checkpoint_state_excludes_frozen_vae(model):
     assert any(k.startswith("unet.") for k in keys) and "empty_text_embedding" in keys
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
+
+
+def test_stochastic_prediction_does_not_depend_on_batch_position(model):
+    from lightning_modules.inference import InferenceSpec
+
+    spec = InferenceSpec(num_steps=2, init_latent="gaussian", seed=5)
+    images = fake_batch(b=3)["rgb"]
+    together = model.predict_image(images, spec)
+    alone = model.predict_image(images[2:3], spec)
+    torch.testing.assert_close(together[2:3], alone, rtol=1e-5, atol=1e-5)
+    other_seed = model.predict_image(images[2:3], InferenceSpec(num_steps=2, init_latent="gaussian", seed=6))
+    assert not torch.allclose(alone, other_seed)
