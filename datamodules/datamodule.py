@@ -37,11 +37,13 @@ class ShardDataModule(L.LightningDataModule):
         val_shards: validation shards, read completely and in order at every validation.
         batch_size: micro-batch per device (the effective batch is set by `batch.effective_batch_size`).
         val_batch_size: validation batch per device (default: `batch_size`).
-        num_workers: dataloader workers for training (validation decodes in the main process).
+        num_workers: dataloader workers per device, for training and validation.
         shuffle_buffer: samples held for shuffling the training stream.
         hflip_prob: probability of a horizontal flip per training sample (normals get n_x negated).
         seed: base seed of the training stream order.
-        min_depth, max_depth: valid ground-truth range in metres (outside it pixels are masked).
+        min_depth: lower end of the valid ground-truth range in metres (exclusive; tightened by a sample's own
+            `min_depth` metadata).
+        max_depth: upper end of the valid range in metres (exclusive; tightened by a sample's `max_depth`).
         synthetic: generate procedural scenes into a cache folder on first use and use them.
     """
 
@@ -62,6 +64,8 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {val_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
         if synthetic is None and train_shards is None and val_shards is None:
@@ -69,9 +73,19 @@ class ShardDataModule(L.LightningDataModule):
         self.train_patterns, self.val_patterns = train_shards, val_shards
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.num_workers, self.shuffle_buffer, self.hflip_prob, self.seed = num_workers, shuffle_buffer, hflip_prob, seed
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.hflip_prob, self.seed = hflip_prob, seed
         self.min_depth, self.max_depth = min_depth, max_depth
         self.synthetic = synthetic
+        self.stream_restarts = 0  # seeds the training order; bumped on resume so no order is replayed
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in checkpoints: how often the training stream was (re)started."""
+        return {"stream_restarts": self.stream_restarts}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """On resume, continue with a new training order instead of replaying the first one."""
+        self.stream_restarts = int(state_dict.get("stream_restarts", 0)) + 1
 
     def prepare_data(self) -> None:
         """Generate the synthetic shards once (rank 0 of each node); a no-op when they exist."""
@@ -86,7 +100,14 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"no {split} shards configured")
         return ensure_synthetic(self.synthetic)[split]
 
+    def _loader(self, stream: TrainStream | ValidationStream) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0, pin_memory=False
+        )
+
     def train_dataloader(self) -> DataLoader:
+        """Endless micro-batches of this rank's shards (Lightning: train by steps)."""
         stream = TrainStream(
             self._shards("train"),
             self.batch_size,
@@ -96,13 +117,13 @@ class ShardDataModule(L.LightningDataModule):
             self.min_depth,
             self.max_depth,
         )
-        return DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
-        )
+        stream.set_epoch(self.stream_restarts)
+        return self._loader(stream)
 
     def val_dataloader(self) -> DataLoader:
-        stream = ValidationStream(self._shards("val"), self.val_batch_size, self.min_depth, self.max_depth)
-        return DataLoader(stream, batch_size=None, num_workers=0)
+        """One ordered pass; every rank gets the same number of batches (padding has empty masks)."""
+        return self._loader(ValidationStream(self._shards("val"), self.val_batch_size, self.min_depth, self.max_depth))
 
     def test_dataloader(self) -> DataLoader:
+        """The validation shards."""
         return self.val_dataloader()

@@ -48,6 +48,7 @@ class Scene:
     texture_scales: np.ndarray  # [num_surfaces]
     light: np.ndarray
     window: tuple[int, float, float, float, float] | None  # (wall plane index, u0, u1, v0, v1) in metres
+    texture_kinds: np.ndarray | None = None  # [num_surfaces] 0 checker, 1 stripes, 2 noise; None = checker
 
 
 def _look_rotation(yaw: float, pitch: float) -> np.ndarray:
@@ -79,6 +80,7 @@ def random_scene(rng: np.random.Generator, height: int, width: int) -> tuple[Sce
     surfaces = 6 + len(boxes) + len(spheres)
     colors = rng.uniform(0.25, 0.95, size=(surfaces, 3))
     texture_scales = rng.uniform(0.2, 0.8, size=surfaces)
+    texture_kinds = rng.integers(0, 3, size=surfaces)
     light = np.array([rng.uniform(-1, 1), size[1] - 0.2, rng.uniform(1.0, size[2] - 1)])
     window = None
     if rng.random() < 0.8:
@@ -88,7 +90,7 @@ def random_scene(rng: np.random.Generator, height: int, width: int) -> tuple[Sce
         u0 = base + rng.uniform(0.1, 0.5) * span
         v0 = rng.uniform(0.8, 1.3)
         window = (wall, u0, u0 + rng.uniform(0.8, 2.0), v0, v0 + rng.uniform(0.8, 1.2))
-    scene = Scene(room_min, room_max, boxes, spheres, colors, texture_scales, light, window)
+    scene = Scene(room_min, room_max, boxes, spheres, colors, texture_scales, light, window, texture_kinds)
     fov = np.deg2rad(rng.uniform(50, 75))
     focal = 0.5 * width / np.tan(fov / 2)
     position = np.array([rng.uniform(-size[0] / 4, size[0] / 4), rng.uniform(1.2, 1.8), rng.uniform(0.2, 1.0)])
@@ -96,8 +98,8 @@ def random_scene(rng: np.random.Generator, height: int, width: int) -> tuple[Sce
     return scene, Camera(height, width, focal, rotation, position)
 
 
-# Room planes: (axis, use max side?, inward normal).
-_ROOM_PLANES = [(1, False), (0, True), (1, True), (0, False), (2, False), (2, True)]  # floor, +x, ceiling, -x, back, far
+# Room planes (axis, at the max side?) in surface-id order: floor, +x wall, ceiling, -x wall, back wall, far wall.
+_ROOM_PLANES = [(1, False), (0, True), (1, True), (0, False), (2, False), (2, True)]
 
 
 def _hit_room(origin: np.ndarray, rays: np.ndarray, scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -135,7 +137,9 @@ def _hit_box(origin: np.ndarray, rays: np.ndarray, lo: np.ndarray, hi: np.ndarra
     return np.where(hit, t_near, INF), normals
 
 
-def _hit_sphere(origin: np.ndarray, rays: np.ndarray, centre: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+def _hit_sphere(
+    origin: np.ndarray, rays: np.ndarray, centre: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Entry distance (inf if missed) and outward normal of a sphere."""
     oc = origin - centre
     a = (rays * rays).sum(-1)
@@ -149,13 +153,20 @@ def _hit_sphere(origin: np.ndarray, rays: np.ndarray, centre: np.ndarray, radius
     return t, (points - centre) / radius
 
 
+# Fixed directions for the sum-of-sines "noise" texture (shared by all scenes; phases vary by position).
+_NOISE_DIRECTIONS = np.random.default_rng(12345).normal(size=(5, 3)) * np.array([[1.0], [1.7], [2.9], [4.3], [6.1]])
+
+
 def _texture(points: np.ndarray, ids: np.ndarray, scene: Scene) -> np.ndarray:
-    """Procedural albedo: per-surface colour modulated by a 3-D checker and smooth stripes."""
+    """Procedural albedo: per-surface colour modulated by a 3-D checker, stripes or smooth noise."""
     scales = scene.texture_scales[ids][..., None]
-    cells = np.floor(points / scales).sum(-1)
-    checker = 0.75 + 0.25 * (cells % 2)
-    stripes = 0.9 + 0.1 * np.sin(points @ np.array([3.1, 1.7, 2.3]) / scales[..., 0])
-    return scene.colors[ids] * (checker * stripes)[..., None]
+    scaled = points / scales
+    checker = 0.7 + 0.3 * (np.floor(scaled).sum(-1) % 2)
+    stripes = 0.75 + 0.25 * np.sin(2 * np.pi * scaled @ np.array([0.8, 0.3, 0.5]))
+    noise = 0.8 + 0.2 * np.sin(scaled @ _NOISE_DIRECTIONS.T).mean(-1) * 2
+    kinds = np.zeros_like(ids) if scene.texture_kinds is None else scene.texture_kinds[ids]
+    pattern = np.choose(kinds, [checker, stripes, noise])
+    return scene.colors[ids] * pattern[..., None]
 
 
 def render(scene: Scene, camera: Camera, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
@@ -166,7 +177,8 @@ def render(scene: Scene, camera: Camera, rng: np.random.Generator | None = None)
     for k, (lo, hi) in enumerate(scene.boxes):
         t_box, n_box = _hit_box(origin, rays, lo, hi)
         closer = t_box < t
-        t, ids, normals = np.where(closer, t_box, t), np.where(closer, 6 + k, ids), np.where(closer[..., None], n_box, normals)
+        t, ids = np.where(closer, t_box, t), np.where(closer, 6 + k, ids)
+        normals = np.where(closer[..., None], n_box, normals)
     for k, (centre, radius) in enumerate(scene.spheres):
         t_sph, n_sph = _hit_sphere(origin, rays, centre, radius)
         closer = t_sph < t

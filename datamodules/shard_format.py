@@ -1,23 +1,29 @@
 """The shard format: what one training/evaluation sample looks like on disk.
 
-Shards are WebDataset tar files named `<split>-NNNNNN.tar`. Each sample is a group of members sharing a key:
+Shards are WebDataset tar files named `<split>-NNNNNN.tar` (six digits, from 000000). A shard is written under
+`<name>.tar.tmp` and renamed when complete, so a file with the final name is always whole. Each sample is a
+group of tar members sharing a key (`<key>.rgb.png`, `<key>.depth.png`, ...):
 
 | member | content |
 |---|---|
-| `__key__` | sample id, unique within the dataset (e.g. `synthetic-000042`, `ai_001_001-cam_00-0012`) |
+| `__key__` | sample id, unique within the dataset, without `.` (WebDataset splits names at the first dot), e.g. `synthetic-train-000042`, `ai_001_001-cam_00-0012` |
 | `rgb.png` | 8-bit RGB image, the network input |
 | `depth.png` | 16-bit grayscale PNG; metres = value x `depth_scale`; 0 = no data |
 | `mask.png` | 8-bit grayscale PNG; 255 = valid pixel, 0 = invalid (sky, window, missing geometry) |
-| `normals.png` | optional 8-bit RGB PNG; n = value / 255 x 2 - 1, renormalised; camera frame x left, y up, z towards the viewer (RECIPE §4.1); ignored where mask = 0 |
-| `json` | metadata (UTF-8 JSON), see below |
+| `normals.png` | optional 8-bit RGB PNG; n = value / 255 x 2 - 1, renormalised; camera frame x left, y up, z towards the viewer, facing the camera (RECIPE §4.1); ignored where mask = 0 |
+| `json` | metadata (UTF-8 JSON object), see below |
 
 Metadata keys: `source` (`synthetic`, `hypersim`, `vkitti2`, ...), `domain` (`indoor` / `outdoor`), `depth_scale`
 (metres per depth unit: 0.001 = millimetres, the default; 0.01 = centimetres), `min_depth` / `max_depth` (valid
-range in metres), `intrinsics` ([fx, fy, cx, cy] in pixels), `height`, `width`, plus free-form provenance
-(`seed`, original file name, ...). All rasters of one sample have the same height and width.
+range in metres; training masks depth outside it), `intrinsics` ([fx, fy, cx, cy] in pixels), `height`, `width`,
+plus free-form provenance (`seed`, original file name, ...). All rasters of one sample have the same height and
+width, multiples of 8 for training (convert with a resize or crop).
 
 Depth is planar (along the optical axis), not distance to the camera centre. PNG is lossless, so depth keeps
-`depth_scale` precision (1 mm by default, up to 65.535 m); a value that does not fit raises an error.
+`depth_scale` precision (1 mm by default, up to 65.535 m); a valid depth that does not fit 16 bits raises an
+error (choose a larger `depth_scale`); NaN, infinite, non-positive or masked depth is stored as 0 with mask 0.
+Decoding (`decode_sample`) gives rgb uint8 HxWx3, depth float32 HxW metres, mask bool HxW (also False where
+depth is 0), normals float32 HxWx3 unit vectors when present, and the metadata dict.
 """
 
 from __future__ import annotations
@@ -53,8 +59,12 @@ def encode_sample(
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pack one sample into WebDataset members: rgb uint8 HxWx3, depth float metres HxW, mask bool HxW."""
+    if "." in key or "/" in key or not key:
+        raise SampleFormatError(f"sample key {key!r} must be non-empty without '.' or '/' (WebDataset grouping)")
     meta = dict(meta or {})
     scale = float(meta.setdefault("depth_scale", DEFAULT_DEPTH_SCALE))
+    if depth.ndim != 2:
+        raise SampleFormatError(f"{key}: depth must be HxW, got shape {depth.shape}")
     height, width = depth.shape
     if rgb.shape != (height, width, 3) or rgb.dtype != np.uint8:
         raise SampleFormatError(f"{key}: rgb must be uint8 {height}x{width}x3, got {rgb.dtype} {rgb.shape}")
@@ -93,11 +103,16 @@ def _read_png(data: bytes, key: str, member: str) -> np.ndarray:
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     """Unpack raw WebDataset members (bytes) into numpy arrays with exact dtypes and a metadata dict."""
-    key = raw.get("__key__", "?")
+    key = f"{raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
     missing = [m for m in REQUIRED_MEMBERS if m not in raw]
     if missing:
         raise SampleFormatError(f"{key}: missing members {missing}")
-    meta = json.loads(raw["json"])
+    try:
+        meta = json.loads(raw["json"])
+    except ValueError as err:
+        raise SampleFormatError(f"{key}: unreadable json metadata: {err}") from err
+    if not isinstance(meta, dict):
+        raise SampleFormatError(f"{key}: json metadata must be an object, got {type(meta).__name__}")
     rgb = _read_png(raw["rgb.png"], key, "rgb.png")
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise SampleFormatError(f"{key}: rgb.png must be 8-bit RGB, got {rgb.dtype} {rgb.shape}")
@@ -108,9 +123,11 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     mask = _read_png(raw["mask.png"], key, "mask.png") > 127
     if rgb.shape[:2] != depth.shape or mask.shape != depth.shape:
         raise SampleFormatError(f"{key}: rgb {rgb.shape[:2]}, depth {depth.shape}, mask {mask.shape} differ in size")
-    sample = {"key": key, "rgb": rgb, "depth": depth, "mask": mask & (depth > 0), "meta": meta}
+    sample = {"key": str(raw.get("__key__", "?")), "rgb": rgb, "depth": depth, "mask": mask & (depth > 0), "meta": meta}
     if "normals.png" in raw:
         quantised = _read_png(raw["normals.png"], key, "normals.png").astype(np.float32)
+        if quantised.shape != rgb.shape:
+            raise SampleFormatError(f"{key}: normals.png must be 8-bit RGB {rgb.shape}, got {quantised.shape}")
         normals = quantised / 255 * 2 - 1
         normals /= np.maximum(np.linalg.norm(normals, axis=-1, keepdims=True), 1e-6)
         sample["normals"] = normals.astype(np.float32)

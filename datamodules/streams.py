@@ -2,8 +2,11 @@
 
 Training shards are split by rank first (rank r of w reads shards[r::w]), then by dataloader worker, and
 resampled forever inside that subset, so no two ranks read the same shard. Validation reads every shard in a
-fixed order on every rank; rank r keeps samples i with i % w == r and pads with masked-out copies so every rank
-yields the same number of samples (unequal counts deadlock DDP) while nothing is counted twice.
+fixed order on every rank; rank r keeps samples i with i % w == r (its workers take turns within that share)
+and pads with masked-out copies so every rank yields the same number of samples and batches (unequal counts
+deadlock DDP) while nothing is counted twice.
+
+Set `DGFT_SHARD_LOG=<file>` to append each stream's shard assignment as a JSON line (rank, worker, shards).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -35,6 +38,7 @@ def distributed_rank() -> tuple[int, int]:
 
 
 def worker_rank() -> tuple[int, int]:
+    """(worker id, number of workers) of the current dataloader worker, (0, 1) in the main process."""
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
@@ -46,40 +50,52 @@ def shards_for(shards: list[str], rank: int, world: int, worker: int, workers: i
     mine = shards[rank::world]
     share = mine[worker::workers]
     if not share:
-        log.warning("rank %d has %d shards for %d workers: workers share shards", rank, len(mine), workers)
+        log.warning(
+            "rank %d has %d shards for %d workers: workers share them (seeded apart); write >= %d shards",
+            rank, len(mine), workers, world * workers,
+        )  # fmt: skip
         share = mine
     return share
 
 
 def _record_assignment(split: str, rank: int, world: int, worker: int, shards: list[str]) -> None:
-    """Append the shard assignment to $DGFT_SHARD_LOG (JSON lines) for inspection and tests."""
-    path = os.environ.get("DGFT_SHARD_LOG")
     log.info("%s stream: rank %d/%d worker %d reads %d shards", split, rank, world, worker, len(shards))
+    path = os.environ.get("DGFT_SHARD_LOG")
     if path:
         with open(path, "a") as handle:
             record = dict(split=split, rank=rank, world_size=world, worker=worker, shards=shards)
             handle.write(json.dumps(record) + "\n")
 
 
+def _describe(error: Exception) -> str:
+    """WebDataset appends the shard URL to an exception's args; show it plainly."""
+    args = getattr(error, "args", ())
+    if len(args) >= 2 and isinstance(args[-1], str) and not isinstance(error, SampleFormatError):
+        return f"{type(error).__name__}: {args[0]} (shard {args[-1]})"
+    return f"{type(error).__name__}: {error}"
+
+
 class SkipCounter:
     """WebDataset error handler that logs and counts bad shards/samples instead of stopping the run."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int | None) -> None:
         self.limit, self.count, self.in_a_row = limit, 0, 0
 
     def __call__(self, error: Exception) -> bool:
         self.count += 1
         self.in_a_row += 1
-        log.warning("skipped unreadable data (%d so far): %s", self.count, error)
-        if self.in_a_row > self.limit:
-            raise RuntimeError(f"{self.in_a_row} read errors in a row without a good sample; last: {error}") from error
+        log.warning("skipped unreadable data (%d so far): %s", self.count, _describe(error))
+        if self.limit is not None and self.in_a_row > self.limit:
+            raise RuntimeError(
+                f"{self.in_a_row} read errors in a row without a good sample from any shard; last: {_describe(error)}"
+            ) from error
         return True
 
     def ok(self) -> None:
         self.in_a_row = 0
 
 
-def _decoded(raw_samples: Iterator[dict[str, Any]], errors: SkipCounter, transform: Callable) -> Iterator[dict]:
+def _decoded(raw_samples: Iterable[dict[str, Any]], errors: SkipCounter, transform: Callable) -> Iterator[dict]:
     for raw in raw_samples:
         try:
             sample = transform(decode_sample(raw))
@@ -90,7 +106,8 @@ def _decoded(raw_samples: Iterator[dict[str, Any]], errors: SkipCounter, transfo
         yield sample
 
 
-def batches(samples: Iterator[dict[str, Any]], batch_size: int, drop_last: bool) -> Iterator[dict[str, Any]]:
+def batches(samples: Iterable[dict[str, Any]], batch_size: int, drop_last: bool) -> Iterator[dict[str, Any]]:
+    """Group samples and collate them (tensors stacked, `key`/`source` strings become lists)."""
     bucket: list[dict[str, Any]] = []
     for sample in samples:
         bucket.append(sample)
@@ -116,9 +133,21 @@ class TrainStream(IterableDataset):
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not shards:
+            raise ValueError("TrainStream needs at least one shard")
         self.shards, self.batch_size, self.shuffle_buffer = list(shards), batch_size, shuffle_buffer
         self.hflip_prob, self.seed, self.min_depth, self.max_depth = hflip_prob, seed, min_depth, max_depth
-        self.seed_offset = 0  # set before iterating to vary the order, e.g. from the global step on resume
+        # Part of the order's seed: set it before iterating (e.g. the number of resumes) so a resumed run does
+        # not replay the samples of the first one. Workers copy it when they start.
+        self.seed_offset = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary the sample order from the next iteration on."""
+        self.seed_offset = epoch
+
+    def assignment(self, rank: int, world: int, worker: int = 0, workers: int = 1) -> list[str]:
+        """The shards that `worker` of `rank` reads."""
+        return shards_for(self.shards, rank, world, worker, workers)
 
     def _transform(self, rng: random.Random) -> Callable[[dict], dict]:
         def transform(decoded: dict) -> dict:
@@ -130,9 +159,10 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world = distributed_rank()
         worker, workers = worker_rank()
-        share = shards_for(self.shards, rank, world, worker, workers)
+        share = self.assignment(rank, world, worker, workers)
         _record_assignment("train", rank, world, worker, share)
         rng = random.Random(f"{self.seed}/{self.seed_offset}/{rank}/{worker}")
+        # Enough consecutive failures to have tried every shard several times: then nothing is readable.
         errors = SkipCounter(limit=10 * len(share) + 100)
         urls = ({"url": rng.choice(share)} for _ in iter(int, 1))
         raw = wds.tarfile_to_samples(handler=errors)(urls)
@@ -143,36 +173,42 @@ class TrainStream(IterableDataset):
 
 
 class ValidationStream(IterableDataset):
-    """One deterministic pass over all samples, shared out over ranks with masked padding."""
+    """One deterministic pass over all samples, shared out over ranks and workers with masked padding."""
 
     def __init__(
         self, shards: list[str], batch_size: int, min_depth: float = 1e-5, max_depth: float = 80.0
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not shards:
+            raise ValueError("ValidationStream needs at least one shard")
         self.shards, self.batch_size = sorted(shards), batch_size
         self.min_depth, self.max_depth = min_depth, max_depth
-        self.skipped = 0
+        self.skipped = 0  # unreadable data in the last pass (main-process iteration only)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world = distributed_rank()
-        _record_assignment("val", rank, world, 0, self.shards)
-        return batches(self._padded(rank, world), self.batch_size, drop_last=False)
+        worker, workers = worker_rank()
+        _record_assignment("val", rank, world, worker, self.shards)
+        return batches(self._padded(rank, world, worker, workers), self.batch_size, drop_last=False)
 
-    def _padded(self, rank: int, world: int) -> Iterator[dict[str, Any]]:
-        errors = SkipCounter(limit=1_000_000)
-        mine, total = [], 0
-        for raw in wds.tarfile_to_samples(handler=errors)({"url": s} for s in self.shards):
-            if total % world == rank:
-                mine.append(raw)
+    def _target(self, raw: dict[str, Any]) -> dict[str, Any]:
+        return build_targets(decode_sample(raw), self.min_depth, self.max_depth)
+
+    def _raw(self, errors: SkipCounter) -> Iterator[dict[str, Any]]:
+        return wds.tarfile_to_samples(handler=errors)({"url": s} for s in self.shards)
+
+    def _padded(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        errors = SkipCounter(limit=None)
+        total = yielded = 0
+        template = None
+        # Streams the tar files (nothing held in memory); only this worker's samples are decoded.
+        for index, raw in enumerate(self._raw(errors)):
             total += 1
-        if total == 0:
-            raise RuntimeError(f"no readable validation samples in {len(self.shards)} shards")
-        per_rank = math.ceil(total / world)
-        yielded, template = 0, None
-        for raw in mine:
+            if index % world != rank or (index // world) % workers != worker:
+                continue
             try:
-                sample = build_targets(decode_sample(raw), self.min_depth, self.max_depth)
+                sample = self._target(raw)
             except SampleFormatError as err:
                 errors(err)
                 continue
@@ -180,16 +216,20 @@ class ValidationStream(IterableDataset):
             yielded += 1
             yield sample
         self.skipped = errors.count
-        if yielded < per_rank and template is None:
+        if total == 0:
+            raise RuntimeError(f"no readable validation samples in {len(self.shards)} shards")
+        # Rank r's j-th sample goes to worker j % workers; every rank owns ceil(total / world) slots.
+        quota = len(range(worker, math.ceil(total / world), workers))
+        if yielded < quota and template is None:
             template = self._any_sample()
-        for _ in range(per_rank - yielded):
+        for _ in range(quota - yielded):
             yield pad_like(template)
 
     def _any_sample(self) -> dict[str, Any]:
         """Some decodable sample of the set, as the shape template for padding."""
-        for raw in wds.tarfile_to_samples(handler=SkipCounter(limit=1_000_000))({"url": s} for s in self.shards):
+        for raw in self._raw(SkipCounter(limit=None)):
             try:
-                return build_targets(decode_sample(raw), self.min_depth, self.max_depth)
+                return self._target(raw)
             except SampleFormatError:
                 continue
         raise RuntimeError(f"no decodable validation sample in {len(self.shards)} shards")

@@ -19,18 +19,29 @@ _QUANTILE_LIMIT = 16_000_000  # torch.quantile refuses larger inputs
 
 
 def _quantiles(values: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
+    """Linear-interpolated quantiles like torch.quantile, also for inputs beyond its size limit."""
     if values.numel() <= _QUANTILE_LIMIT:
         q = torch.quantile(values, torch.tensor([low, high], dtype=values.dtype))
         return q[0], q[1]
     ordered = values.sort().values
-    pick = lambda q: ordered[round(q * (ordered.numel() - 1))]  # noqa: E731
-    return pick(low), pick(high)
+    return _interpolated(ordered, low), _interpolated(ordered, high)
+
+
+def _interpolated(ordered: Tensor, q: float) -> Tensor:
+    position = q * (ordered.numel() - 1)
+    below = int(position)
+    above = min(below + 1, ordered.numel() - 1)
+    return ordered[below] + (position - below) * (ordered[above] - ordered[below])
 
 
 def build_targets(
     sample: dict[str, Any], min_depth: float = 1e-5, max_depth: float = 80.0, vae_factor: int = 8
 ) -> dict[str, Any]:
-    """Decoded sample (numpy, see shard_format) -> tensors of the batch contract."""
+    """Decoded sample (numpy, see shard_format) -> tensors of the batch contract.
+
+    The valid range is the intersection of (min_depth, max_depth) with the sample's own `min_depth`/`max_depth`
+    metadata, when present.
+    """
     key = sample["key"]
     height, width = sample["depth"].shape
     if height % vae_factor or width % vae_factor:
@@ -40,7 +51,9 @@ def build_targets(
     rgb = torch.from_numpy(sample["rgb"]).permute(2, 0, 1).float() / 255 * 2 - 1
     depth = torch.from_numpy(np.ascontiguousarray(sample["depth"], dtype=np.float32))[None]
     mask = torch.from_numpy(np.asarray(sample["mask"], dtype=bool))[None]
-    mask &= torch.isfinite(depth) & (depth > min_depth) & (depth < max_depth)
+    meta = sample.get("meta", {})
+    low, high = max(min_depth, meta.get("min_depth", min_depth)), min(max_depth, meta.get("max_depth", max_depth))
+    mask &= torch.isfinite(depth) & (depth > low) & (depth < high)
     depth = torch.where(mask, depth, torch.zeros_like(depth))
 
     target = torch.zeros_like(depth)
@@ -61,7 +74,7 @@ def build_targets(
         normals = torch.zeros(3, height, width)
     return {
         "key": key,
-        "source": str(sample.get("meta", {}).get("source", "unknown")),
+        "source": str(meta.get("source", "unknown")),
         "rgb": rgb,
         "depth": depth,
         "depth_target": target,

@@ -24,6 +24,16 @@ def test_same_seed_same_scene_other_seed_other_scene():
         assert np.array_equal(a[key], b[key])
     assert not np.array_equal(a["depth"], c["depth"])
     assert a["rgb"].dtype == np.uint8 and a["depth"].dtype == np.float32 and a["mask"].dtype == bool
+    assert a["normals"].dtype == np.float32 and a["normals"].shape == (32, 48, 3)
+
+
+def test_random_scenes_are_textured_with_invalid_regions():
+    scenes = [generate_scene(seed, 48, 64) for seed in range(8)]
+    assert any((~s["mask"]).any() for s in scenes)  # windows show sky
+    for s in scenes:
+        assert s["mask"].mean() > 0.5 and (s["depth"][s["mask"]] > 0).all()
+        assert len(np.unique(s["rgb"].reshape(-1, 3), axis=0)) > 100  # shading and texture, not flat colours
+        assert not s["normals"][~s["mask"]].any() and not s["depth"][~s["mask"]].any()
 
 
 def test_fronto_parallel_wall_has_constant_planar_depth_and_faces_the_camera():
@@ -51,7 +61,8 @@ def test_floor_points_up_and_side_walls_face_inwards():
 
 
 def test_normals_rotate_with_the_camera():
-    camera = Camera(24, 32, focal=20.0, rotation=_look_rotation(np.deg2rad(30), 0.0), position=np.array([0.0, 1.5, 1.0]))
+    yawed = _look_rotation(np.deg2rad(30), 0.0)
+    camera = Camera(24, 32, focal=20.0, rotation=yawed, position=np.array([0.0, 1.5, 1.0]))
     centre = render(empty_room(), camera)["normals"][12, 16]
     # The far wall normal (world -z) seen by a camera yawed 30 degrees to the right leans to the image right.
     np.testing.assert_allclose(centre, [-np.sin(np.deg2rad(30)), 0.0, np.cos(np.deg2rad(30))], atol=1e-6)
