@@ -127,3 +127,7 @@ class ShardDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The validation shards."""
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The validation shards, for `python -m experiments predict` (image folders: `experiments.infer`)."""
+        return self.val_dataloader()

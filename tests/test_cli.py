@@ -67,3 +67,14 @@ def test_demo_config_composes(tmp_path):
     assert cli.config.trainer.max_steps == 600
     assert type(cli.model.objective).__name__ == "E2EObjective"
     assert cli.datamodule.batch_size == 4
+
+
+def test_test_and_predict_subcommands(tmp_path, shard_cache):
+    args = tiny_run_args(tmp_path, "e2e_depth_tiny", shard_cache)
+    tested = main(["test", *args])
+    assert "test/abs_rel" in tested.trainer.callback_metrics
+    predicted = main(["predict", *args])
+    outputs = predicted.trainer.predict_loop.predictions
+    depth = torch.cat([o["depth"] for o in outputs])
+    keys = [k for o in outputs for k in o["key"]]
+    assert depth.shape == (len(keys), 1, 32, 48) and 0 <= depth.min() and depth.max() <= 1
