@@ -10,7 +10,7 @@ import time
 
 from experiments.__main__ import main
 
-REPORTED = ("abs_rel", "delta1", "rmse", "silog")
+REPORTED = ("abs_rel", "delta1", "rmse", "silog", "mean", "median", "a11_25", "a30")
 
 
 def _metrics(cli, stage: str = "val") -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 The model is built from the run's config through the project CLI (nothing is run), the checkpoint's weights are
 loaded (the frozen VAE, absent from checkpoints, comes from the config's source) and the result is written as a
-folder that stock `diffusers.MarigoldDepthPipeline.from_pretrained` loads.
+folder that stock `diffusers.MarigoldDepthPipeline` (depth) or `MarigoldNormalsPipeline` (normals) loads.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 
 from experiments.__main__ import main as cli_main
 from experiments.config_defaults import expand_config_defaults
-from lightning_modules.export import export_to_diffusers
+from lightning_modules.export import export_to_diffusers, pipeline_class
 
 # Keys of a saved `fit` config that the subcommand-less CLI rejects or that export does not need.
 DROPPED_KEYS = ("ckpt_path", "data", "defaults")
@@ -94,11 +94,10 @@ def main(argv: list[str] | None = None) -> Path:
         tokenizer_source=args.tokenizer_source,
         set_alpha_to_one=args.set_alpha_to_one == "true",
     )
-    print(f"exported MarigoldDepthPipeline to {folder.resolve()}")
-    print(
-        "usage: from diffusers import MarigoldDepthPipeline; "
-        f'depth = MarigoldDepthPipeline.from_pretrained("{folder}")(image).prediction  # [1,H,W,1] in [0,1]'
-    )
+    name = pipeline_class(model.task.name).__name__
+    shape = "[1,H,W,1] in [0,1]" if model.task.name == "depth" else "[1,H,W,3] unit normals, x left, y up, z out"
+    print(f"exported {name} to {folder.resolve()}")
+    print(f'usage: from diffusers import {name}; prediction = {name}.from_pretrained("{folder}")(image).prediction  # {shape}')
     return folder
 
 

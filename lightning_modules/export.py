@@ -1,4 +1,29 @@
-"""Export a trained GeometryEstimator as a folder that stock `diffusers.MarigoldDepthPipeline` loads (RECIPE §7)."""
+"""Export a trained GeometryEstimator as a folder that stock diffusers loads (RECIPE §7).
+
+The pipeline class follows the model's task: depth models become `MarigoldDepthPipeline` folders
+(`prediction_type="depth"`, scale- and shift-invariant), normals models `MarigoldNormalsPipeline` folders
+(`prediction_type="normals"`, `use_full_z_range=True`). Both reload offline with `<Class>.from_pretrained(folder)` or
+`DiffusionPipeline.from_pretrained(folder)`, and with `GeometryEstimator(pretrained=folder, task=...)`.
+
+Normals: frame and conventions, as checked against diffusers 0.42 (tests/test_export.py)
+- Frame. `MarigoldNormalsPipeline` returns the decoded VAE image's channels as they are (clip, L2-normalise, no
+  axis flip or permutation), exactly as `NormalsTask.from_decoded` does, so its `prediction` is in the frame the
+  model was trained in: ours, x left, y up, z towards the viewer (RECIPE §4.1, §9.14). Run like `predict_image`
+  (`latents=zeros`, `processing_resolution=0`, 1 step) it returns the same final latent exactly and, channel for
+  channel, the same normals to within 1e-5 / |decoded| per element wherever the decoder stays inside [-1, 1]
+  (next point). Nothing is needed to convert between the two.
+- Post-processing order differs. diffusers clips the decoded image to [-1, 1] and then divides by
+  `max(norm, 1e-6)`; `NormalsTask.from_decoded` divides by `norm + 1e-5` and then clamps (RECIPE §1.6). The two
+  agree (to ~1e-5 / norm) wherever the decoder stays inside [-1, 1], and differ in direction where a channel
+  overshoots: e.g. decoded (1.5, 0.2, 0.1) gives (0.989, 0.132, 0.066) here but (0.976, 0.195, 0.098) in diffusers.
+- `MarigoldImageProcessor.visualize_normals(n)` with its default flags colours RGB = (n + 1) / 2 (truncated to
+  uint8), the same colours as our previews (RECIPE §5.6: [0, 0, 1] -> (127, 127, 255); a left-facing surface in our
+  frame, n = (1, 0, 0), -> (255, 127, 127)). Its docstring, however, names the default frame "x right, y up, z
+  towards the observer": read with that label, our colours are mirrored left-right (RECIPE §9.20). To express our
+  normals in that documented frame, negate channel 0 (`flip_x=True`); leave flip_y/flip_z off (our y is up and z
+  faces the viewer, as documented there). The flags only change colours, never `prediction`. Caveat: in diffusers
+  0.42 any flip multiplies the caller's tensor/array in place (a view is flipped), so pass a copy.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DDIMScheduler, MarigoldDepthPipeline, SchedulerMixin
+from diffusers import DDIMScheduler, DiffusionPipeline, MarigoldDepthPipeline, MarigoldNormalsPipeline, SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from lightning_modules.components import empty_prompt_embedding
@@ -14,6 +39,19 @@ from lightning_modules.tiny import TinySpec, build_tiny_components
 
 if TYPE_CHECKING:
     from lightning_modules.module import GeometryEstimator
+
+# Per task: the stock pipeline class and the model_index.json keys that describe the prediction (RECIPE §7.2).
+PIPELINES: dict[str, tuple[type[DiffusionPipeline], dict[str, Any]]] = {
+    "depth": (MarigoldDepthPipeline, {"prediction_type": "depth", "scale_invariant": True, "shift_invariant": True}),
+    "normals": (MarigoldNormalsPipeline, {"prediction_type": "normals", "use_full_z_range": True}),
+}
+
+
+def pipeline_class(task_name: str) -> type[DiffusionPipeline]:
+    """The stock diffusers pipeline that an exported model of task `task_name` loads into."""
+    if task_name not in PIPELINES:
+        raise ValueError(f"no diffusers pipeline for task {task_name!r}; exportable: {sorted(PIPELINES)}")
+    return PIPELINES[task_name][0]
 
 
 def export_scheduler(noise_scheduler: SchedulerMixin, set_alpha_to_one: bool = True) -> DDIMScheduler:
@@ -82,25 +120,28 @@ def export_to_diffusers(
     tokenizer_source: str | None = None,
     set_alpha_to_one: bool = True,
 ) -> Path:
-    """Write `model` as a MarigoldDepthPipeline folder (depth, affine-invariant) and return its path."""
-    if model.task.name != "depth":
-        raise ValueError(f"only depth models can be exported to MarigoldDepthPipeline, not {model.task.name!r}")
+    """Write `model` as the stock pipeline folder of its task and return its path.
+
+    Depth -> `MarigoldDepthPipeline` (affine-invariant depth in [0, 1]); normals -> `MarigoldNormalsPipeline`
+    (unit normals in the training frame, x left, y up, z towards the viewer; see the module docstring). The
+    scheduler (`export_scheduler`), text components and `default_*` keys are the same for both.
+    """
+    cls = pipeline_class(model.task.name)
     if processing_resolution % model.vae_scale_factor:
         raise ValueError(f"processing_resolution must be a multiple of {model.vae_scale_factor} (0 = native)")
+    if denoising_steps < 1:
+        raise ValueError(f"denoising_steps must be >= 1, got {denoising_steps}")
     text_encoder, tokenizer = text_components(model, tokenizer_source)
-    pipeline = MarigoldDepthPipeline(
+    pipeline = cls(
         unet=model.unet,
         vae=model.vae,
         scheduler=export_scheduler(model.noise_scheduler, set_alpha_to_one),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        prediction_type="depth",
-        scale_invariant=True,
-        shift_invariant=True,
         default_denoising_steps=denoising_steps,
         default_processing_resolution=processing_resolution,
+        **PIPELINES[model.task.name][1],
     )
     out_dir = Path(out_dir)
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
-

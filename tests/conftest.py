@@ -17,6 +17,8 @@ def tiny_run_args(tmp: Path, model: str = "e2e_depth_tiny", cache: Path | None =
         "--config", str(ROOT / "tests/configs/tiny_data.yaml"),
         f"--data.init_args.synthetic.cache_dir={cache or tmp / 'cache'}",
         f"--trainer.logger.init_args.save_dir={tmp / 'runs'}",
+        # fast_dev_run drops the logger, so checkpoints would land in the working directory
+        f"--trainer.default_root_dir={tmp}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ]  # fmt: skip

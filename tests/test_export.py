@@ -1,4 +1,5 @@
-"""Export to a stock diffusers MarigoldDepthPipeline folder: layout, parity with predict_image, round trip, CLI."""
+"""Export to stock diffusers Marigold pipeline folders (depth and normals): layout, parity with predict_image,
+round trip, CLI, and the normals frame relative to diffusers' conventions."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import MarigoldDepthPipeline
+from diffusers import DiffusionPipeline, MarigoldDepthPipeline, MarigoldNormalsPipeline
+from diffusers.pipelines.marigold.marigold_image_processing import MarigoldImageProcessor
 from PIL import Image
 
 from experiments.export import main as export_main
-from lightning_modules.export import export_to_diffusers
+from lightning_modules.export import export_to_diffusers, pipeline_class
 from lightning_modules.inference import InferenceSpec, inference_scheduler, sample_latent
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.tiny import TinySpec
+from lightning_modules.visualize import normals_to_rgb
 
 
 @pytest.fixture(autouse=True)
@@ -26,9 +29,9 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def perturbed_tiny_model(seed: int = 0) -> GeometryEstimator:
+def perturbed_tiny_model(seed: int = 0, task: str = "depth") -> GeometryEstimator:
     """Tiny model whose UNet is nudged away from its initialisation so outputs are not trivial."""
-    model = GeometryEstimator(tiny=TinySpec(seed=0)).eval()
+    model = GeometryEstimator(tiny=TinySpec(seed=0), task=task).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.unet.parameters():
@@ -188,3 +191,162 @@ def test_export_command(tmp_path: Path, rgb: torch.Tensor, capsys: pytest.Captur
     with pytest.raises(SystemExit):
         export_main(["--config", str(config_path), "--ckpt_path", str(tmp_path / "missing.ckpt"), "--out", str(out)])
     assert "missing.ckpt does not exist" in capsys.readouterr().err
+
+
+def test_pipeline_class_follows_the_task() -> None:
+    assert pipeline_class("depth") is MarigoldDepthPipeline
+    assert pipeline_class("normals") is MarigoldNormalsPipeline
+    with pytest.raises(ValueError, match="no diffusers pipeline"):
+        pipeline_class("segmentation")
+
+
+# ------------------------------------------------------------------------------------------------- normals
+@pytest.fixture(scope="module")
+def normals_model() -> GeometryEstimator:
+    return perturbed_tiny_model(task="normals")
+
+
+@pytest.fixture(scope="module")
+def normals_folder(normals_model: GeometryEstimator, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_to_diffusers(normals_model, tmp_path_factory.mktemp("export") / "normals", processing_resolution=64)
+
+
+@pytest.fixture(scope="module")
+def rgb_square() -> torch.Tensor:
+    """A 64x64 image in [0,1] (multiple of 8: the pipeline neither pads nor resizes at processing_resolution=0)."""
+    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def load_normals(folder: Path) -> MarigoldNormalsPipeline:
+    pipeline = MarigoldNormalsPipeline.from_pretrained(folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def ours_decoded(model: GeometryEstimator, rgb: torch.Tensor, steps: int = 1) -> torch.Tensor:
+    """The decoded VAE image that predict_image turns into normals (zero initial latent, trailing)."""
+    z_rgb = model.encode(rgb * 2 - 1)
+    denoiser = lambda z, t: model.unet_forward(z_rgb, z, t)  # noqa: E731
+    z_0 = sample_latent(denoiser, inference_scheduler(model.noise_scheduler), torch.zeros_like(z_rgb), steps)
+    return model.decode(z_0)
+
+
+def test_normals_layout(normals_folder: Path) -> None:
+    index = json.loads((normals_folder / "model_index.json").read_text())
+    assert index["_class_name"] == "MarigoldNormalsPipeline"
+    assert index["prediction_type"] == "normals" and index["use_full_z_range"] is True
+    assert "scale_invariant" not in index and "shift_invariant" not in index
+    assert index["default_denoising_steps"] == 1 and index["default_processing_resolution"] == 64
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    scheduler = json.loads((normals_folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["timestep_spacing"] == "trailing"
+    assert scheduler["set_alpha_to_one"] is True and scheduler["clip_sample"] is False
+    assert scheduler["steps_offset"] == 1 and scheduler["prediction_type"] == "v_prediction"
+
+
+def test_normals_stock_pipelines_load_and_run_with_defaults(normals_folder: Path) -> None:
+    generic = DiffusionPipeline.from_pretrained(normals_folder)
+    assert type(generic) is MarigoldNormalsPipeline
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    prediction = load_normals(normals_folder)(image).prediction  # Gaussian initial latent, default steps/resolution
+    assert prediction.shape == (1, 64, 64, 3) and np.isfinite(prediction).all()
+    np.testing.assert_allclose(np.linalg.norm(prediction, axis=-1), 1.0, atol=1e-5)
+    assert prediction.std(axis=(0, 1, 2)).min() > 1e-2
+
+
+def test_normals_pipeline_matches_predict_image(
+    normals_folder: Path, normals_model: GeometryEstimator, rgb_square: torch.Tensor
+) -> None:
+    output = load_normals(normals_folder)(
+        rgb_square,
+        num_inference_steps=1,
+        ensemble_size=1,
+        processing_resolution=0,
+        latents=torch.zeros(1, 4, 8, 8),
+        output_type="pt",
+        output_latent=True,
+    )
+    pipeline_normals = output.prediction
+    ours = normals_model.predict_image(rgb_square * 2 - 1, InferenceSpec(num_steps=1))
+    decoded = ours_decoded(normals_model, rgb_square)
+    assert pipeline_normals.shape == ours.shape == (1, 3, 64, 64)
+    assert ours.std(dim=(0, 2, 3)).min() > 0.1  # non-trivial output
+
+    # Same latent (set_alpha_to_one: the last prev_sample is x0) ...
+    z_rgb = normals_model.encode(rgb_square * 2 - 1)
+    z_0 = sample_latent(lambda z, t: normals_model.unet_forward(z_rgb, z, t),
+                        inference_scheduler(normals_model.noise_scheduler), torch.zeros_like(z_rgb), 1)  # fmt: skip
+    torch.testing.assert_close(output.latent, z_0, atol=1e-6, rtol=0)
+    # ... and exactly diffusers' post-processing of our decoded image: clip to [-1, 1], then divide by max(norm, 1e-6).
+    clipped = decoded.clamp(-1, 1)
+    torch.testing.assert_close(
+        pipeline_normals, clipped / clipped.norm(dim=1, keepdim=True).clamp(min=1e-6), atol=1e-6, rtol=0
+    )
+
+    # Same frame, channel for channel: where the decoder stays inside [-1, 1] the two rules differ only by the
+    # epsilon (ours: x / (|x| + 1e-5)), so |difference| <= 1e-5 / |x| per element; no channel is negated or swapped.
+    norm = decoded.norm(dim=1, keepdim=True)
+    inside = (decoded.abs() <= 1).all(dim=1, keepdim=True).expand_as(decoded)
+    bound = 1e-5 / norm.expand_as(decoded) + 1e-6
+    difference = (pipeline_normals - ours).abs()
+    assert inside.float().mean() > 0.9
+    assert (difference[inside] <= bound[inside]).all(), (difference[inside] - bound[inside]).max()
+    for channel in range(3):
+        assert (pipeline_normals[:, channel] * ours[:, channel] >= 0)[inside[:, channel]].all()
+    # Where a decoded channel overshoots, diffusers clips before normalising and we after: directions differ.
+    if (~inside).any():
+        assert difference[~inside].max() > 1e-3
+
+
+def test_normals_visualization_flags_relative_to_our_frame(normals_folder: Path, rgb_square: torch.Tensor) -> None:
+    # A plane facing left in our frame (x left, y up, z towards the viewer) is n = (1, 0, 0).
+    left = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4).contiguous()
+    facing = torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4).contiguous()
+    # diffusers' default flags colour (n + 1) / 2 like our previews: no flip is applied by default.
+    assert np.asarray(MarigoldImageProcessor.visualize_normals(left)[0])[0, 0].tolist() == [255, 127, 127]
+    assert np.asarray(MarigoldImageProcessor.visualize_normals(facing)[0])[0, 0].tolist() == [127, 127, 255]
+    # flip_x converts to the frame the diffusers docstring documents (x right): the left plane gets red 0.
+    copy = left.clone()
+    assert np.asarray(MarigoldImageProcessor.visualize_normals(copy, flip_x=True)[0])[0, 0].tolist() == [0, 127, 127]
+    # (diffusers 0.42 applies the flip to the caller's tensor in place, hence the copy.)
+    # A whole predicted map: default colours = our normals_to_rgb, up to uint8 truncation.
+    prediction = load_normals(normals_folder)(rgb_square, output_type="pt").prediction
+    colours = np.asarray(MarigoldImageProcessor.visualize_normals(prediction.clone())[0]).astype(np.float64)
+    expected = normals_to_rgb(prediction[0]).permute(1, 2, 0).numpy() * 255
+    assert np.abs(colours - expected).max() <= 1.0
+
+
+def test_normals_reload_into_geometry_estimator_reproduces_predictions(
+    normals_folder: Path, normals_model: GeometryEstimator, rgb_square: torch.Tensor
+) -> None:
+    reloaded = GeometryEstimator(pretrained=str(normals_folder), task="normals").eval()
+    assert reloaded.task.name == "normals"
+    assert torch.equal(reloaded.empty_text_embedding, normals_model.empty_text_embedding)
+    for steps in (1, 4):
+        spec = InferenceSpec(num_steps=steps)
+        assert torch.equal(
+            reloaded.predict_image(rgb_square * 2 - 1, spec), normals_model.predict_image(rgb_square * 2 - 1, spec)
+        )
+
+
+def test_export_rejects_bad_denoising_steps(normals_model: GeometryEstimator, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="denoising_steps"):
+        export_to_diffusers(normals_model, tmp_path / "x", processing_resolution=64, denoising_steps=0)
+
+
+def test_export_command_with_the_normals_config(tmp_path: Path, rgb_square: torch.Tensor) -> None:
+    """configs/model/e2e_normals_tiny.yaml builds a normals model; the CLI exports it as MarigoldNormalsPipeline."""
+    trained = perturbed_tiny_model(seed=7, task="normals")
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {k: v for k, v in trained.state_dict().items() if not k.startswith("vae.")}}, ckpt)
+    config = Path(__file__).resolve().parents[1] / "configs" / "model" / "e2e_normals_tiny.yaml"
+    out = tmp_path / "exported"
+    export_main(["--config", str(config), "--ckpt_path", str(ckpt), "--out", str(out), "--processing_resolution", "64"])
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "MarigoldNormalsPipeline"
+    latents = torch.zeros(1, 4, 8, 8)
+    prediction = load_normals(out)(rgb_square, processing_resolution=0, latents=latents, output_type="pt").prediction
+    decoded = ours_decoded(trained, rgb_square).clamp(-1, 1)
+    expected = decoded / decoded.norm(dim=1, keepdim=True).clamp(min=1e-6)
+    torch.testing.assert_close(prediction, expected, atol=1e-6, rtol=0)
