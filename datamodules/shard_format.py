@@ -19,11 +19,24 @@ range in metres; training masks depth outside it), `intrinsics` ([fx, fy, cx, cy
 plus free-form provenance (`seed`, original file name, ...). All rasters of one sample have the same height and
 width, multiples of 8 for training (convert with a resize or crop).
 
+Keys written by the real-data converters (`datamodules.convert`; all optional, absent in older shards):
+`split` (`train` / `val` / `test`), `has_depth` (false: a normals-only sample whose `mask.png` is the normals'
+validity and whose `depth.png` is all zero; absent = true), `converter`, `inputs` (raw files, relative paths),
+`crop` ([top, left, height, width] taken from the `original_size` [H, W] raster), `resized_from` [H, W]. Evaluation
+shards add: `eval_protocol` (`marigold_depth`, RECIPE §6.1, or `dsine_normals`, §6.2); `eval_min_depth` /
+`eval_max_depth` (clip range of aligned predictions in metres, null = unbounded); `eval_mask` (the rule that built
+`mask.png`, which is the complete evaluation mask: `range`, `range+eigen_crop`, `file`, `rgb_sum>0`, `norm>0.5`);
+`eval_crop` ([top, bottom, left, right] pixel box already ANDed into `mask.png`, or null);
+`eval_processing_resolution` (long edge to predict at, 0 = native); `eval_alignment` (`least_squares` in depth
+space, or `none`) and `eval_alignment_max_res` (long edge of the copies the alignment is fitted on, null = full).
+For evaluation shards `min_depth` / `max_depth` are the range that built `mask.png` (an unbounded one is written as
+65536 x `depth_scale`), so applying them removes nothing more.
+
 Depth is planar (along the optical axis), not distance to the camera centre. PNG is lossless, so depth keeps
 `depth_scale` precision (1 mm by default, up to 65.535 m); a valid depth that does not fit 16 bits raises an
 error (choose a larger `depth_scale`); NaN, infinite, non-positive or masked depth is stored as 0 with mask 0.
 Decoding (`decode_sample`) gives rgb uint8 HxWx3, depth float32 HxW metres, mask bool HxW (also False where
-depth is 0), normals float32 HxWx3 unit vectors when present, and the metadata dict.
+depth is 0, unless `has_depth` is false), normals float32 HxWx3 unit vectors when present, and the metadata dict.
 """
 
 from __future__ import annotations
@@ -70,13 +83,18 @@ def encode_sample(
         raise SampleFormatError(f"{key}: rgb must be uint8 {height}x{width}x3, got {rgb.dtype} {rgb.shape}")
     if mask.shape != (height, width):
         raise SampleFormatError(f"{key}: mask shape {mask.shape} differs from depth shape {depth.shape}")
-    valid = mask.astype(bool) & np.isfinite(depth) & (depth > 0)
-    units = np.where(valid, np.round(np.nan_to_num(depth, nan=0.0, posinf=0.0) / scale), 0)
+    has_depth = meta.get("has_depth", True)
+    valid = mask.astype(bool)
+    if has_depth:
+        valid &= np.isfinite(depth) & (depth > 0)
+    # a normals-only sample (has_depth false) keeps its mask (the normals' validity) and stores depth as all zero
+    units = np.where(valid & has_depth, np.round(np.nan_to_num(depth, nan=0.0, posinf=0.0) / scale), 0)
     if units.max(initial=0) > np.iinfo(np.uint16).max:
         raise SampleFormatError(
             f"{key}: depth {depth[valid].max():.3f} m does not fit 16 bits at depth_scale {scale}; use a larger scale"
         )
-    valid &= units > 0
+    if has_depth:
+        valid &= units > 0
     meta.update(height=height, width=width)
     members = {
         "__key__": key,
@@ -123,7 +141,9 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     mask = _read_png(raw["mask.png"], key, "mask.png") > 127
     if rgb.shape[:2] != depth.shape or mask.shape != depth.shape:
         raise SampleFormatError(f"{key}: rgb {rgb.shape[:2]}, depth {depth.shape}, mask {mask.shape} differ in size")
-    sample = {"key": str(raw.get("__key__", "?")), "rgb": rgb, "depth": depth, "mask": mask & (depth > 0), "meta": meta}
+    if meta.get("has_depth", True):
+        mask &= depth > 0
+    sample = {"key": str(raw.get("__key__", "?")), "rgb": rgb, "depth": depth, "mask": mask, "meta": meta}
     if "normals.png" in raw:
         quantised = _read_png(raw["normals.png"], key, "normals.png").astype(np.float32)
         if quantised.shape != rgb.shape:

@@ -40,7 +40,7 @@ def build_targets(
     """Decoded sample (numpy, see shard_format) -> tensors of the batch contract.
 
     The valid range is the intersection of (min_depth, max_depth) with the sample's own `min_depth`/`max_depth`
-    metadata, when present.
+    metadata, when present. A normals-only sample (`has_depth` false) keeps its stored mask and zero depth targets.
     """
     key = sample["key"]
     height, width = sample["depth"].shape
@@ -52,13 +52,15 @@ def build_targets(
     depth = torch.from_numpy(np.ascontiguousarray(sample["depth"], dtype=np.float32))[None]
     mask = torch.from_numpy(np.asarray(sample["mask"], dtype=bool))[None]
     meta = sample.get("meta", {})
+    has_depth = meta.get("has_depth", True)  # false: a normals-only sample, its stored mask is the normals' one
     low, high = max(min_depth, meta.get("min_depth", min_depth)), min(max_depth, meta.get("max_depth", max_depth))
-    mask &= torch.isfinite(depth) & (depth > low) & (depth < high)
+    if has_depth:
+        mask &= torch.isfinite(depth) & (depth > low) & (depth < high)
     depth = torch.where(mask, depth, torch.zeros_like(depth))
 
     target = torch.zeros_like(depth)
     normalised = torch.zeros_like(depth)
-    if mask.any():
+    if has_depth and mask.any():
         q2, q98 = _quantiles(depth[mask], 0.02, 0.98)
         if q98 > q2:
             target = torch.where(mask, depth.clamp(q2, q98), q98)
