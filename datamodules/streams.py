@@ -11,6 +11,7 @@ Set `DGFT_SHARD_LOG=<file>` to append each stream's shard assignment as a JSON l
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -137,7 +138,7 @@ class TrainStream(IterableDataset):
             raise ValueError("TrainStream needs at least one shard")
         self.shards, self.batch_size, self.shuffle_buffer = list(shards), batch_size, shuffle_buffer
         self.hflip_prob, self.seed, self.min_depth, self.max_depth = hflip_prob, seed, min_depth, max_depth
-        # Part of the order's seed: set it before iterating (e.g. the number of resumes) so a resumed run does
+        # Part of the order's seed: set it before iterating (the global step it starts at) so a resumed run does
         # not replay the samples of the first one. Workers copy it when they start.
         self.seed_offset = 0
 
@@ -173,17 +174,30 @@ class TrainStream(IterableDataset):
 
 
 class ValidationStream(IterableDataset):
-    """One deterministic pass over all samples, shared out over ranks and workers with masked padding."""
+    """One deterministic pass over all samples, shared out over ranks and workers with masked padding.
+
+    `keys` keeps only samples with those keys, `max_samples` only the first N (after `keys`), in shard order: a
+    fixed subset for validation during training. Sizes need not be multiples of 8 (prediction pads).
+    """
 
     def __init__(
-        self, shards: list[str], batch_size: int, min_depth: float = 1e-5, max_depth: float = 80.0
+        self,
+        shards: list[str],
+        batch_size: int,
+        min_depth: float = 1e-5,
+        max_depth: float = 80.0,
+        max_samples: int | None = None,
+        keys: set[str] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not shards:
             raise ValueError("ValidationStream needs at least one shard")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         self.shards, self.batch_size = sorted(shards), batch_size
         self.min_depth, self.max_depth = min_depth, max_depth
+        self.max_samples, self.keys = max_samples, keys
         self.skipped = 0  # unreadable data in the last pass (main-process iteration only)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -193,18 +207,23 @@ class ValidationStream(IterableDataset):
         return batches(self._padded(rank, world, worker, workers), self.batch_size, drop_last=False)
 
     def _target(self, raw: dict[str, Any]) -> dict[str, Any]:
-        return build_targets(decode_sample(raw), self.min_depth, self.max_depth)
+        return build_targets(decode_sample(raw), self.min_depth, self.max_depth, vae_factor=1)
 
     def _raw(self, errors: SkipCounter) -> Iterator[dict[str, Any]]:
-        return wds.tarfile_to_samples(handler=errors)({"url": s} for s in self.shards)
+        raw = wds.tarfile_to_samples(handler=errors)({"url": s} for s in self.shards)
+        if self.keys is not None:
+            raw = (sample for sample in raw if sample.get("__key__") in self.keys)
+        return raw if self.max_samples is None else itertools.islice(raw, self.max_samples)
 
     def _padded(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         errors = SkipCounter(limit=None)
         total = yielded = 0
         template = None
+        seen: set[str] = set()
         # Streams the tar files (nothing held in memory); only this worker's samples are decoded.
         for index, raw in enumerate(self._raw(errors)):
             total += 1
+            seen.add(raw.get("__key__"))
             if index % world != rank or (index // world) % workers != worker:
                 continue
             try:
@@ -217,7 +236,11 @@ class ValidationStream(IterableDataset):
             yield sample
         self.skipped = errors.count
         if total == 0:
-            raise RuntimeError(f"no readable validation samples in {len(self.shards)} shards")
+            selected = " with the selected keys" if self.keys is not None else ""
+            raise RuntimeError(f"no readable validation samples{selected} in {len(self.shards)} shards")
+        missing = sorted(self.keys - seen) if self.keys is not None and self.max_samples is None else []
+        if missing and rank == 0 and worker == 0:
+            log.warning("%d selected validation keys are not in the shards, e.g. %s", len(missing), missing[:3])
         # Rank r's j-th sample goes to worker j % workers; every rank owns ceil(total / world) slots.
         quota = len(range(worker, math.ceil(total / world), workers))
         if yielded < quota and template is None:

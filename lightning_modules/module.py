@@ -16,15 +16,19 @@ from lightning_modules.components import (
     ensure_eight_channel_unet,
     load_pretrained_components,
 )
+from lightning_modules.evaluation import EvalSpec, crop_mask, prepare_input, write_tables
 from lightning_modules.inference import InferenceSpec, inference_scheduler, initial_latent, sample_latent
 from lightning_modules.lr_schedule import warmup_exponential_lambda
 from torchmetrics import Metric
+from torchmetrics.aggregation import SumMetric
 from lightning_modules.objectives import E2EObjective, Objective
+from lightning_modules.predictor import predict
 from lightning_modules.tasks import TaskName, build_task
 from lightning_modules.tiny import TinySpec, build_tiny_components
 from lightning_modules.visualize import stack_rows
 
 FROZEN_PREFIXES = ("vae.",)
+PAD_KEY = "__pad__"  # batch contract: validation padding (empty mask) that evaluation must not count
 
 
 class GeometryEstimator(L.LightningModule):
@@ -44,6 +48,9 @@ class GeometryEstimator(L.LightningModule):
         inference: how validation/test/predict make predictions (steps, spacing, initial latent, seed).
         eval_min_depth, eval_max_depth: metric depth range used to clip aligned predictions (depth metrics).
         preview_batches: number of validation batches drawn into the TensorBoard preview grid.
+        evaluation: the dataset's evaluation protocol for validation and test (resolution, clip range, alignment
+            resolution, crop, table name); not saved with the checkpoint's hyperparameters, so an evaluation config
+            still applies when `--ckpt_path` restores the rest of the model from the checkpoint.
     """
 
     def __init__(
@@ -66,12 +73,19 @@ class GeometryEstimator(L.LightningModule):
         eval_min_depth: float = 1e-3,
         eval_max_depth: float = 80.0,
         preview_batches: int = 2,
+        evaluation: EvalSpec | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["objective"])
+        self.save_hyperparameters(ignore=["objective", "evaluation"])
         self.objective = objective if objective is not None else E2EObjective()
         self.task = build_task(task)
         self.inference = inference if inference is not None else InferenceSpec()
+        self.evaluation = evaluation if evaluation is not None else EvalSpec()
+        if self.evaluation.task not in (None, self.task.name):
+            raise ValueError(
+                f"evaluation protocol {self.evaluation.dataset!r} is for {self.evaluation.task} models, "
+                f"this model predicts {self.task.name}"
+            )
         self.preview_batches = preview_batches
         self.configure_models(pretrained, tiny, conv_in_rule, prompt_padding, gradient_checkpointing)
         self.configure_metrics(eval_min_depth, eval_max_depth)
@@ -108,9 +122,13 @@ class GeometryEstimator(L.LightningModule):
             self.vae.enable_gradient_checkpointing()
 
     def configure_metrics(self, min_depth: float, max_depth: float) -> None:
-        """One metric collection per stage, cloned so states never mix."""
-        self.val_metrics = self.task.make_metrics(min_depth, max_depth)
+        """One metric collection per stage, cloned so states never mix; the evaluation spec's range wins."""
+        spec = self.evaluation
+        low = spec.min_depth if spec.min_depth is not None else min_depth
+        high = spec.max_depth if spec.max_depth is not None else max_depth
+        self.val_metrics = self.task.make_metrics(low, high, spec.align_max_res, spec.mask_gt_range)
         self.test_metrics = self.val_metrics.clone()
+        self.val_images, self.test_images = SumMetric(), SumMetric()  # images evaluated, padding excluded
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -177,32 +195,61 @@ class GeometryEstimator(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
-    def _evaluate(self, batch: dict[str, Tensor], metrics: Metric) -> Tensor:
-        prediction = self.predict_image(batch["rgb"])
-        self.task.update_metrics(metrics, prediction, batch)
-        return prediction
+    def evaluation_prediction(self, rgb: Tensor) -> Tensor:
+        """Prediction for batch images in [-1, 1] through the one inference path (`predictor.predict`) at the
+        evaluation spec's processing resolution, in output conventions (depth in [0, 1], unit normals)."""
+        spec = self.evaluation
+        images = prepare_input((rgb.float() + 1) / 2, spec.input_mode)
+        device = rgb.device.type
+        # Keep bf16 autocast when the trainer runs it (fast validation); otherwise predict in float32.
+        bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+        output = predict(
+            self, images, spec.processing_resolution, spec.ensemble_size, self.inference, len(images), bf16=bf16
+        )
+        return output[self.task.name].to(rgb.device)
+
+    def _evaluate(self, batch: dict[str, Any], metrics: Metric, images: Metric) -> tuple[dict[str, Any], Tensor] | None:
+        """Metrics for the real samples of a batch (padding dropped); returns them and their prediction."""
+        keep = [i for i, key in enumerate(batch["key"]) if key != PAD_KEY]
+        if not keep:
+            return None
+        if len(keep) < len(batch["key"]):
+            index = torch.tensor(keep, device=batch["rgb"].device)
+            batch = {k: (v[index] if isinstance(v, Tensor) else [v[i] for i in keep]) for k, v in batch.items()}
+        prediction = self.evaluation_prediction(batch["rgb"])
+        self.task.update_metrics(metrics, prediction, {**batch, "mask": crop_mask(batch["mask"], self.evaluation.crop)})
+        images.update(torch.tensor(float(len(keep)), device=prediction.device))
+        return batch, prediction
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        prediction = self._evaluate(batch, self.val_metrics)
-        if batch_idx < self.preview_batches:
-            self._log_preview(batch, prediction, batch_idx)
+        evaluated = self._evaluate(batch, self.val_metrics, self.val_images)
+        if evaluated is not None and batch_idx < self.preview_batches:
+            self._log_preview(*evaluated, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
+        self._log_metrics(self.val_metrics, self.val_images, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+        self._evaluate(batch, self.test_metrics, self.test_images)
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
+        values, images = self._log_metrics(self.test_metrics, self.test_images, "test")
+        folder = self.trainer.log_dir  # a collective under DDP: every rank asks
+        if self.trainer.is_global_zero and folder is not None:
+            write_tables(folder, self.evaluation.dataset, images, values)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        return {"key": batch.get("key"), **self.task.export(self.predict_image(batch["rgb"]))}
+        return {"key": batch.get("key"), self.task.name: self.evaluation_prediction(batch["rgb"]).cpu()}
 
-    def _log_metrics(self, metrics: Metric, stage: str) -> None:
-        values = metrics.compute()
+    def _log_metrics(self, metrics: Metric, images: Metric, stage: str) -> tuple[dict[str, float], int]:
+        """Log the synced metrics and image count; return them and reset the states."""
+        values = {k: float(v) for k, v in metrics.compute().items()}
+        count = int(images.compute().item())
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=False)
+        self.log(f"{stage}/images", float(count), sync_dist=False)
         metrics.reset()
+        images.reset()
+        return values, count
 
     def _log_preview(self, batch: dict[str, Tensor], prediction: Tensor, batch_idx: int) -> None:
         logger = self.logger
@@ -211,7 +258,7 @@ class GeometryEstimator(L.LightningModule):
         rows = [
             self.task.preview_row(prediction, batch, i)
             for i in range(prediction.shape[0])
-            if batch["key"][i] != "__pad__"
+            if batch["key"][i] != PAD_KEY
         ]
         if rows:
             logger.experiment.add_image(f"val/preview_{batch_idx}", stack_rows(rows), self.global_step)

@@ -76,7 +76,7 @@ class DiffusionObjective(Objective):
             target = z_0
         else:
             raise ValueError(f"unsupported prediction type {prediction_type!r}")
-        cells = valid_latent_mask(batch["mask"], model.vae_scale_factor, z_0.shape[1])
+        cells = valid_latent_mask(model.task.valid_mask(batch), model.vae_scale_factor, z_0.shape[1])
         return masked_mse(output, target, cells), {"valid_latent_fraction": cells.float().mean()}
 
 

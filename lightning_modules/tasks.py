@@ -34,11 +34,17 @@ class DepthTask:
     def from_decoded(self, decoded: Tensor) -> Tensor:
         return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)
 
-    def loss(self, prediction: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        return affine_invariant_l1(prediction, batch["depth_target"], batch["mask"])
+    def valid_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        """Pixels the loss and the metrics count: the batch's validity mask."""
+        return batch["mask"].bool()
 
-    def make_metrics(self, min_depth: float, max_depth: float) -> Metric:
-        return DepthMetrics(min_depth=min_depth, max_depth=max_depth)
+    def loss(self, prediction: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        return affine_invariant_l1(prediction, batch["depth_target"], self.valid_mask(batch))
+
+    def make_metrics(
+        self, min_depth: float, max_depth: float, align_max_res: int | None = None, mask_gt_range: bool = True
+    ) -> Metric:
+        return DepthMetrics(min_depth, max_depth, align_max_res=align_max_res, mask_gt_range=mask_gt_range)
 
     def update_metrics(self, metrics: Metric, prediction: Tensor, batch: dict[str, Tensor]) -> None:
         metrics.update(prediction, batch["depth"], batch["mask"])
@@ -64,17 +70,26 @@ class NormalsTask:
         decoded = decoded.float()
         return (decoded / (decoded.norm(dim=1, keepdim=True) + 1e-5)).clamp(-1.0, 1.0)
 
-    def loss(self, prediction: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        return angular_loss(prediction, batch["normals"], batch["mask"])
+    def valid_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        """Valid pixels that also have a ground-truth normal: samples stored without normals (e.g. Virtual KITTI
+        converted without them) carry zero normals, which would otherwise count as 90-degree errors."""
+        return batch["mask"].bool() & (batch["normals"].norm(dim=1, keepdim=True) > 0.5)
 
-    def make_metrics(self, min_depth: float, max_depth: float) -> Metric:
+    def loss(self, prediction: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        return angular_loss(prediction, batch["normals"], self.valid_mask(batch))
+
+    def make_metrics(
+        self, min_depth: float, max_depth: float, align_max_res: int | None = None, mask_gt_range: bool = True
+    ) -> Metric:
         return NormalMetrics()
 
     def update_metrics(self, metrics: Metric, prediction: Tensor, batch: dict[str, Tensor]) -> None:
-        metrics.update(prediction, batch["normals"], batch["mask"])
+        metrics.update(prediction, batch["normals"], self.valid_mask(batch))
 
     def preview_row(self, prediction: Tensor, batch: dict[str, Tensor], i: int) -> Tensor:
-        return normals_preview_row(batch["rgb"][i], batch["normals"][i].cpu(), prediction[i].cpu(), batch["mask"][i].cpu())
+        return normals_preview_row(
+            batch["rgb"][i], batch["normals"][i].cpu(), prediction[i].cpu(), self.valid_mask(batch)[i].cpu()
+        )
 
     def export(self, prediction: Tensor) -> dict[str, Any]:
         return {"normals": prediction.float().cpu()}

@@ -56,3 +56,16 @@ def test_normals_metrics_and_preview():
     assert values["mean"] < 0.1 and values["a5"] == 100.0
     row = model.task.preview_row(prediction, batch, 0)
     assert row.shape == (3, 32, 4 * 48) and 0 <= row.min() and row.max() <= 1
+
+
+def test_pixels_without_a_ground_truth_normal_are_not_counted():
+    """A sample stored without normals has zero targets on valid pixels: they must not act as 90-degree errors."""
+    task = NormalsTask()
+    batch = normals_batch()
+    prediction = batch["normals"].clone()
+    batch["normals"][1] = 0.0  # second sample: depth-valid pixels but no normals
+    assert task.valid_mask(batch)[1].sum() == 0 and task.valid_mask(batch)[0].sum() == batch["mask"][0].sum()
+    assert task.loss(prediction, batch) < 2e-3
+    metrics = task.make_metrics(0.0, 80.0)
+    task.update_metrics(metrics, prediction, batch)
+    assert metrics.compute()["mean"] < 0.1

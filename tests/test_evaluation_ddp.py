@@ -1,0 +1,56 @@
+"""`python -m experiments test` with an eval config: two DDP processes count every image once (slow: subprocesses)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from datamodules.shard_writer import ShardWriter
+from tests.conftest import ROOT
+from tests.test_evaluation import depth_sample
+
+
+def run_cli(args: list[str], cwd) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "experiments", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, text=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # a hung DDP run ignores SIGTERM
+        output, _ = proc.communicate()
+        pytest.fail(f"evaluation run hung:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.mark.slow
+def test_eval_config_under_ddp_matches_one_device(tmp_path):
+    with ShardWriter(tmp_path / "shards" / "nyuv2", "test", 2) as writer:
+        for index in range(5):  # 5 images on 2 ranks: one padded slot
+            writer.write(depth_sample(index, 16, 24)[0])
+    base = [
+        "test", "--config", str(ROOT / "configs/model/e2e_depth_tiny.yaml"),
+        "--config", str(ROOT / "configs/eval/nyuv2.yaml"),
+        f"--data.init_args.shard_root={tmp_path / 'shards'}", "--data.init_args.num_workers=0",
+        "--trainer.accelerator=cpu", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    run_cli([*base, "--trainer.devices=1", "--trainer.logger.init_args.version=one"], tmp_path)
+    output = run_cli([*base, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.logger.init_args.version=two"],
+                     tmp_path)  # fmt: skip
+    assert "MEMBER: 2/2" in output  # two processes really ran
+    rows = {}
+    for version in ("one", "two"):
+        folder = tmp_path / "runs" / "eval" / "nyuv2" / version
+        rows[version] = next(csv.DictReader((folder / "metrics_nyuv2.csv").open()))
+        assert (folder / "metrics_nyuv2.md").is_file()
+    assert rows["one"]["images"] == rows["two"]["images"] == "5"
+    for name, value in rows["one"].items():
+        if name not in ("dataset", "images"):  # batches differ (2+2+1 vs 2+1 per rank): float round-off only
+            assert float(rows["two"][name]) == pytest.approx(float(value), rel=1e-5), name
