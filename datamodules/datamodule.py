@@ -10,6 +10,7 @@ import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from datamodules.mixture import MixedTrainStream, TrainSource, source_seed
 from datamodules.streams import TrainStream, ValidationStream
 from datamodules.synthetic import SyntheticSpec, ensure_synthetic
 
@@ -34,13 +35,19 @@ class ShardDataModule(L.LightningDataModule):
 
     Args:
         train_shards: training shards: glob, brace pattern or list (defaults to the synthetic ones).
-        val_shards: validation shards, read completely and in order at every validation.
+        train_sources: instead of `train_shards`, several training datasets with probabilities; every micro-batch
+            comes from one of them (datamodules.mixture, RECIPE §4.5).
+        val_shards: validation shards, read in order at every validation.
+        test_shards: shards for `test` and `predict`, always read completely (default: `val_shards`).
+        shard_root: folder that relative shard paths (train, sources, val, test) are taken under.
+        val_max_samples: validate on the first N samples of the validation shards only (a fixed subset).
+        val_keys: validate on these sample keys only: a list, or a text file with one key per line.
         batch_size: micro-batch per device (the effective batch is set by `batch.effective_batch_size`).
         val_batch_size: validation batch per device (default: `batch_size`).
         num_workers: dataloader workers per device, for training and validation.
         shuffle_buffer: samples held for shuffling the training stream.
         hflip_prob: probability of a horizontal flip per training sample (normals get n_x negated).
-        seed: base seed of the training stream order.
+        seed: base seed of the training stream order (combined with the global step at which the stream starts).
         min_depth: lower end of the valid ground-truth range in metres (exclusive; tightened by a sample's own
             `min_depth` metadata).
         max_depth: upper end of the valid range in metres (exclusive; tightened by a sample's `max_depth`).
@@ -51,6 +58,11 @@ class ShardDataModule(L.LightningDataModule):
         self,
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
+        train_sources: list[TrainSource] | None = None,
+        test_shards: str | list[str] | None = None,
+        shard_root: str | None = None,
+        val_max_samples: int | None = None,
+        val_keys: str | list[str] | None = None,
         batch_size: int = 2,
         val_batch_size: int | None = None,
         num_workers: int = 2,
@@ -68,37 +80,73 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
-        if synthetic is None and train_shards is None and val_shards is None:
-            raise ValueError("give train_shards / val_shards, or a `synthetic` spec to generate data")
+        if synthetic is None and train_shards is None and val_shards is None and not train_sources and not test_shards:
+            raise ValueError("give train_shards / train_sources / val_shards / test_shards, or a `synthetic` spec")
+        if train_shards is not None and train_sources:
+            raise ValueError("give either train_shards (one dataset) or train_sources (a mixture), not both")
+        if val_max_samples is not None and val_max_samples < 1:
+            raise ValueError(f"val_max_samples must be >= 1, got {val_max_samples}")
+        names = [source.name for source in train_sources or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"train_sources need distinct names, got {names}")
         self.train_patterns, self.val_patterns = train_shards, val_shards
+        self.train_sources, self.test_patterns, self.shard_root = list(train_sources or []), test_shards, shard_root
+        self.val_max_samples, self.val_keys = val_max_samples, val_keys
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.hflip_prob, self.seed = hflip_prob, seed
         self.min_depth, self.max_depth = min_depth, max_depth
         self.synthetic = synthetic
-        self.stream_restarts = 0  # seeds the training order; bumped on resume so no order is replayed
+        self.stream_start_step = 0  # optimiser step at which the current training stream started
 
-    def state_dict(self) -> dict[str, int]:
-        """Saved in checkpoints: how often the training stream was (re)started."""
-        return {"stream_restarts": self.stream_restarts}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """On resume, continue with a new training order instead of replaying the first one."""
-        self.stream_restarts = int(state_dict.get("stream_restarts", 0)) + 1
+    def _start_step(self) -> int:
+        """The trainer's global step (restored from the checkpoint before Lightning asks for the dataloader)."""
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_step) if trainer is not None else 0
 
     def prepare_data(self) -> None:
         """Generate the synthetic shards once (rank 0 of each node); a no-op when they exist."""
         if self.synthetic is not None:
             ensure_synthetic(self.synthetic)
 
+    def _expand(self, patterns: str | list[str]) -> list[str]:
+        """Shard paths, relative patterns taken under `shard_root`."""
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        if self.shard_root is not None:
+            root = os.path.expanduser(self.shard_root)
+            patterns = [os.path.join(root, os.path.expanduser(p)) for p in patterns]
+        return expand_shards(patterns)
+
     def _shards(self, split: str) -> list[str]:
-        patterns = self.train_patterns if split == "train" else self.val_patterns
+        if split == "test" and self.test_patterns is None:
+            split = "val"
+        patterns = {"train": self.train_patterns, "val": self.val_patterns, "test": self.test_patterns}[split]
         if patterns is not None:
-            return expand_shards(patterns)
+            return self._expand(patterns)
         if self.synthetic is None:
             raise ValueError(f"no {split} shards configured")
         return ensure_synthetic(self.synthetic)[split]
+
+    def _train_stream(self) -> TrainStream | MixedTrainStream:
+        """One source (`train_shards` / synthetic) or a mixture of `train_sources`."""
+        settings = (self.batch_size, self.shuffle_buffer, self.hflip_prob)
+        ranges = (self.min_depth, self.max_depth)
+        if not self.train_sources:
+            return TrainStream(self._shards("train"), *settings, self.seed, *ranges)
+        streams = {
+            s.name: TrainStream(self._expand(s.shards), *settings, source_seed(self.seed, s.name), *ranges)
+            for s in self.train_sources
+        }
+        return MixedTrainStream(streams, {s.name: s.probability for s in self.train_sources}, self.seed)
+
+    def _selected_keys(self) -> set[str] | None:
+        if self.val_keys is None:
+            return None
+        if isinstance(self.val_keys, str):
+            lines = Path(os.path.expanduser(self.val_keys)).read_text().splitlines()
+            return {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+        return set(self.val_keys)
 
     def _loader(self, stream: TrainStream | ValidationStream) -> DataLoader:
         workers = self.num_workers
@@ -108,26 +156,29 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Endless micro-batches of this rank's shards (Lightning: train by steps)."""
-        stream = TrainStream(
-            self._shards("train"),
-            self.batch_size,
-            self.shuffle_buffer,
-            self.hflip_prob,
-            self.seed,
-            self.min_depth,
-            self.max_depth,
-        )
-        stream.set_epoch(self.stream_restarts)
+        stream = self._train_stream()
+        # The order's seed includes the step it starts at: a run resumed at step k reads a new order (no replay
+        # of step 0's), and every resume from the same checkpoint reads the same one.
+        self.stream_start_step = self._start_step()
+        stream.set_epoch(self.stream_start_step)
         return self._loader(stream)
 
     def val_dataloader(self) -> DataLoader:
-        """One ordered pass; every rank gets the same number of batches (padding has empty masks)."""
-        return self._loader(ValidationStream(self._shards("val"), self.val_batch_size, self.min_depth, self.max_depth))
+        """One ordered pass over the configured subset; all ranks get as many batches (padding has empty masks)."""
+        stream = ValidationStream(
+            self._shards("val"),
+            self.val_batch_size,
+            self.min_depth,
+            self.max_depth,
+            max_samples=self.val_max_samples,
+            keys=self._selected_keys(),
+        )
+        return self._loader(stream)
 
     def test_dataloader(self) -> DataLoader:
-        """The validation shards."""
-        return self.val_dataloader()
+        """Every sample of the test shards (default: the validation shards), no subset."""
+        return self._loader(ValidationStream(self._shards("test"), self.val_batch_size, self.min_depth, self.max_depth))
 
     def predict_dataloader(self) -> DataLoader:
-        """The validation shards, for `python -m experiments predict` (image folders: `experiments.infer`)."""
-        return self.val_dataloader()
+        """The test shards, for `python -m experiments predict` (image folders: `experiments.infer`)."""
+        return self.test_dataloader()

@@ -9,10 +9,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from experiments.batch_size import EffectiveBatchSize
 from experiments.config_defaults import expand_config_defaults
+from experiments.run_dir import pin_run_folder, resolve_ckpt_path
 
 
 class ExperimentCLI(LightningCLI):
-    """LightningCLI with the effective-batch-size group and config `defaults:` lists."""
+    """LightningCLI with the effective-batch-size group, config `defaults:` lists and stable run folders."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(EffectiveBatchSize, "batch")
@@ -22,6 +23,11 @@ class ExperimentCLI(LightningCLI):
         # Already expanded into --config arguments; the saved config must not re-apply relative paths.
         config = self.config[self.subcommand] if self.subcommand else self.config
         config.defaults = None
+        pin_run_folder(config.trainer)  # requeued SLURM jobs log, save and resume in one folder
+
+    def before_fit(self) -> None:
+        config = self.config_init["fit"]
+        config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), self.config["fit"].trainer.default_root_dir)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> ExperimentCLI:

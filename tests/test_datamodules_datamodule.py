@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -54,12 +55,14 @@ def test_datamodule_batches_follow_the_contract(tmp_path):
 def test_resume_starts_a_new_training_order(tmp_path):
     spec = SyntheticSpec(num_train=8, num_val=2, height=16, width=16, samples_per_shard=4, cache_dir=str(tmp_path))
     first = ShardDataModule(batch_size=4, num_workers=0, synthetic=spec)
-    state = first.state_dict()
     resumed = ShardDataModule(batch_size=4, num_workers=0, synthetic=spec)
-    resumed.load_state_dict(state)
+    resumed.trainer = SimpleNamespace(global_step=40)  # the step a resumed trainer reports
     order = lambda dm: next(iter(dm.train_dataloader()))["key"]  # noqa: E731
     assert order(first) == order(ShardDataModule(batch_size=4, num_workers=0, synthetic=spec))
-    assert order(resumed) != order(first)
+    assert order(resumed) != order(first) and resumed.stream_start_step == 40
+    again = ShardDataModule(batch_size=4, num_workers=0, synthetic=spec)
+    again.trainer = SimpleNamespace(global_step=40)
+    assert order(again) == order(resumed)  # resuming twice from one checkpoint reads the same order
 
 
 def test_shard_patterns_expand_and_bad_settings_fail(tmp_path):
