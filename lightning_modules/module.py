@@ -174,8 +174,12 @@ class GeometryEstimator(L.LightningModule):
     @torch.no_grad()
     def predict_image(self, rgb: Tensor, spec: InferenceSpec | None = None) -> Tensor:
         """Task prediction for images in [-1, 1] with sizes divisible by the VAE factor (depth: [B,1,H,W])."""
+        return self.predict_from_latent(self.encode(rgb), spec)
+
+    @torch.no_grad()
+    def predict_from_latent(self, z_rgb: Tensor, spec: InferenceSpec | None = None) -> Tensor:
+        """`predict_image` for an already encoded image latent (ensemble members share one encoding)."""
         spec = spec or self.inference
-        z_rgb = self.encode(rgb)
         scheduler = inference_scheduler(self.noise_scheduler, spec.spacing)
         z_init = initial_latent(z_rgb.shape, spec.init_latent, spec.seed, z_rgb.device, z_rgb.dtype)
         z_0 = sample_latent(lambda z, t: self.unet_forward(z_rgb, z, t), scheduler, z_init, spec.num_steps)

@@ -82,12 +82,14 @@ def _predict_members(
     for chunk in images.split(batch_size):
         x = pad_to_multiple(resize(chunk.to(device=device, dtype=torch.float32), size), model.vae_scale_factor)
         x = (x * 2 - 1).to(dtype)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            z_rgb = model.encode(x)  # once per chunk: members differ only in their initial latent
         members = []
         for k in range(ensemble_size):
-            # Seeds per member, not per image: predict_image draws one latent tensor for the whole chunk.
+            # Seeds per member, not per image: every image of the chunk gets the same member noise.
             member_spec = dataclasses.replace(spec, seed=spec.seed + k)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                prediction = model.predict_image(x, member_spec)
+                prediction = model.predict_from_latent(z_rgb, member_spec)
             prediction = prediction[..., : size[0], : size[1]].float().cpu()
             members.append((prediction + 1) / 2 if model.task.name == "depth" else prediction)
         chunks.append(torch.stack(members, dim=1))

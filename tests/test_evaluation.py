@@ -46,7 +46,8 @@ def write_depth_set(folder: Path, count: int, height: int = 20, width: int = 28)
 
 def oracle_depth(model: GeometryEstimator) -> GeometryEstimator:
     """Replace the network by the image's channel mean, an affine function of the true depth (see depth_sample)."""
-    model.predict_image = lambda rgb, spec=None: rgb.mean(dim=1, keepdim=True).clamp(-1, 1)
+    model.encode = lambda rgb: rgb  # the "latent" is the image itself
+    model.predict_from_latent = lambda z, spec=None: z.mean(dim=1, keepdim=True).clamp(-1, 1)
     return model
 
 
@@ -146,7 +147,8 @@ def test_normal_errors_are_pooled_over_pixels_not_images(tmp_path):
         writer.write(normals_sample("b", (128, 128, 255), [(1, 1), (2, 2), (3, 3)]))
     model = GeometryEstimator(tiny=TinySpec(seed=0), task="normals", evaluation=EvalSpec(dataset="pooled"))
     facing = torch.nn.functional.normalize(torch.tensor([128, 128, 255.0]) / 255 * 2 - 1, dim=0)
-    model.predict_image = lambda rgb, spec=None: facing.view(1, 3, 1, 1).expand(rgb.shape[0], 3, *rgb.shape[-2:])
+    model.encode = lambda rgb: rgb
+    model.predict_from_latent = lambda z, spec=None: facing.view(1, 3, 1, 1).expand(z.shape[0], 3, *z.shape[-2:])
     metrics, folder = run_test(model, tmp_path / "set", tmp_path)
     left = torch.nn.functional.normalize(torch.tensor([255, 128, 128.0]) / 255 * 2 - 1, dim=0)
     angle = math.degrees(math.acos(float(left @ facing)))  # about 89.8 degrees
