@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +32,21 @@ def tiny_run_args(tmp: Path, model: str = "e2e_depth_tiny", cache: Path | None =
 def shard_cache(tmp_path_factory) -> Path:
     """One synthetic cache for the whole session (generation is the slow part)."""
     return tmp_path_factory.mktemp("synthetic_cache")
+
+
+def run_experiments_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> str:
+    """`python -m experiments ARGS` in a subprocess (DDP runs there, STACK.md); its output, or fail with it.
+
+    The process gets its own session so that a hung DDP run, which ignores SIGTERM, is killed with its workers.
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "experiments", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, text=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"run hung after {timeout} s:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    return output

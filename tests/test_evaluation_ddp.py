@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
 from datamodules.shard_writer import ShardWriter
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_experiments_cli
 from tests.test_evaluation import depth_sample
-
-
-def run_cli(args: list[str], cwd) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "experiments", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True, text=True)  # fmt: skip
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # a hung DDP run ignores SIGTERM
-        output, _ = proc.communicate()
-        pytest.fail(f"evaluation run hung:\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-4000:]
-    return output
 
 
 @pytest.mark.slow
@@ -41,8 +23,8 @@ def test_eval_config_under_ddp_matches_one_device(tmp_path):
         "--trainer.accelerator=cpu", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
         "--trainer.enable_progress_bar=false",
     ]  # fmt: skip
-    run_cli([*base, "--trainer.devices=1", "--trainer.logger.init_args.version=one"], tmp_path)
-    output = run_cli([*base, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.logger.init_args.version=two"],
+    run_experiments_cli([*base, "--trainer.devices=1", "--trainer.logger.init_args.version=one"], tmp_path)
+    output = run_experiments_cli([*base, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.logger.init_args.version=two"],
                      tmp_path)  # fmt: skip
     assert "MEMBER: 2/2" in output  # two processes really ran
     rows = {}
