@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -49,9 +50,12 @@ def load_pretrained_components(name_or_path: str) -> Components:
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
         scheduler_config = DDPMScheduler.load_config(name_or_path, subfolder="scheduler")
     except (OSError, ValueError) as err:
+        # jsonargparse shows only this message, not the chain: carry the cause (missing folder, no network, ...).
+        where = "the folder exists" if Path(name_or_path).is_dir() else "no such local folder, so it was tried as a hub id"
         raise ValueError(
-            f"Could not load a diffusers-format model from {name_or_path!r}: expected a folder (or hub id) with "
-            "unet/, vae/, text_encoder/, tokenizer/ and scheduler/ subfolders."
+            f"Could not load a diffusers-format model from {name_or_path!r} ({where}): expected unet/, vae/, "
+            f"text_encoder/, tokenizer/ and scheduler/ subfolders (offline? pass a local folder). Cause: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
     # Missing keys would silently fall back to diffusers' defaults (clip_sample=True), see RECIPE §9.9.
     scheduler = DDPMScheduler.from_config(scheduler_config, clip_sample=False, thresholding=False)

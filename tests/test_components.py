@@ -4,7 +4,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from lightning_modules.components import empty_prompt_embedding, ensure_eight_channel_unet, widen_conv_in
+from lightning_modules.components import (
+    empty_prompt_embedding,
+    ensure_eight_channel_unet,
+    load_pretrained_components,
+    widen_conv_in,
+)
 from lightning_modules.tiny import TinySpec, build_tiny_components
 
 
@@ -66,3 +71,10 @@ def test_tiny_components_are_deterministic_per_seed():
     wa, wb, wc = (p.unet.conv_in.weight for p in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     assert a.scheduler.config.clip_sample is False and a.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_unloadable_model_folder_names_the_cause(tmp_path):
+    with pytest.raises(ValueError, match=r"the folder exists.*Cause: OSError"):
+        load_pretrained_components(str(tmp_path))  # exists, but has no unet/
+    with pytest.raises(ValueError, match="no such local folder"):
+        load_pretrained_components(str(tmp_path / "missing"))
