@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     size = "x".join(str(s) for s in data["rgb"].shape[-2:])
     print(f"\n{data['rgb'].shape[0]} validation images at {size}, init latent {args.init}, {torch.get_num_threads()} threads\n")
     print(table)
-    fastest = {(r["spacing"], r["steps"], r["ensemble"]): r["ms_per_image"] for r in rows}
+    ms = {(r["spacing"], r["steps"], r["ensemble"]): r["ms_per_image"] for r in rows}
     for spacing in args.spacings:
-        one, many = fastest.get((spacing, 1, 1)), fastest.get((spacing, 50, 10))
+        one, many = ms.get((spacing, 1, 1)), ms.get((spacing, 50, 10))
         if one and many:
             print(f"\n{spacing}: 50 steps x 10 members takes {many / one:.0f}x the wall time of 1 step x 1 member")
     if args.out is not None:
