@@ -24,21 +24,25 @@ from tqdm import tqdm
 
 from experiments.__main__ import main as cli_main
 from lightning_modules.inference import InferenceSpec
-from lightning_modules.module import GeometryEstimator
+from lightning_modules.module import PAD_KEY, GeometryEstimator
 from lightning_modules.predictor import predict
 
 COLUMNS = ("spacing", "steps", "ensemble", "unet_calls", "ms_per_image", "abs_rel", "delta1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark_inference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmark_inference", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--ckpt_path", type=Path, default=Path("runs/demo_e2e/fit/checkpoints/last.ckpt"))
     parser.add_argument(
         "--config", action="append", default=None,
         help="run config(s) whose validation data is used (default: configs/demo.yaml); further unknown arguments "
         "are passed to the CLI as overrides, e.g. --data.init_args.synthetic.cache_dir=...",
     )  # fmt: skip
-    parser.add_argument("--spacings", nargs="+", default=["leading", "trailing"], choices=["leading", "trailing", "linspace"])
+    parser.add_argument(
+        "--spacings", nargs="+", default=["leading", "trailing"], choices=["leading", "trailing", "linspace"]
+    )
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 10, 50])
     parser.add_argument("--ensembles", nargs="+", type=int, default=[1, 10])
     parser.add_argument("--images", type=int, default=16, help="validation images to evaluate (default %(default)s)")
@@ -64,7 +68,7 @@ def validation_images(configs: list[str], overrides: list[str], count: int) -> d
     parts: dict[str, list[torch.Tensor]] = {"rgb": [], "depth": [], "mask": []}
     taken = 0
     for batch in datamodule.val_dataloader():
-        keep = batch["mask"].flatten(1).any(1)  # padding samples carry an empty mask
+        keep = torch.tensor([key != PAD_KEY for key in batch["key"]])
         for name in parts:
             parts[name].append(batch[name][keep])
         taken += int(keep.sum())
@@ -80,7 +84,9 @@ def run_row(model: GeometryEstimator, data: dict, spec: InferenceSpec, ensemble:
     times = []
     for _ in range(args.repeats):
         started = time.perf_counter()
-        result = predict(model, data["rgb"], processing_resolution=0, ensemble_size=ensemble, spec=spec, batch_size=args.batch_size)
+        result = predict(
+            model, data["rgb"], processing_resolution=0, ensemble_size=ensemble, spec=spec, batch_size=args.batch_size
+        )
         times.append(time.perf_counter() - started)
     metrics = model.task.make_metrics(data["min_depth"], data["max_depth"])
     metrics.update(result["depth"], data["depth"], data["mask"])
@@ -127,7 +133,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(run_row(model, data, spec, ensemble, args))
     table = markdown(rows)
     size = "x".join(str(s) for s in data["rgb"].shape[-2:])
-    print(f"\n{data['rgb'].shape[0]} validation images at {size}, init latent {args.init}, {torch.get_num_threads()} threads\n")
+    threads = torch.get_num_threads()
+    print(f"\n{data['rgb'].shape[0]} validation images at {size}, init latent {args.init}, {threads} threads\n")
     print(table)
     ms = {(r["spacing"], r["steps"], r["ensemble"]): r["ms_per_image"] for r in rows}
     for spacing in args.spacings:

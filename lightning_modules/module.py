@@ -259,13 +259,8 @@ class GeometryEstimator(L.LightningModule):
         logger = self.logger
         if logger is None or not self.trainer.is_global_zero or not hasattr(logger.experiment, "add_image"):
             return
-        rows = [
-            self.task.preview_row(prediction, batch, i)
-            for i in range(prediction.shape[0])
-            if batch["key"][i] != PAD_KEY
-        ]
-        if rows:
-            logger.experiment.add_image(f"val/preview_{batch_idx}", stack_rows(rows), self.global_step)
+        rows = [self.task.preview_row(prediction, batch, i) for i in range(prediction.shape[0])]  # padding dropped
+        logger.experiment.add_image(f"val/preview_{batch_idx}", stack_rows(rows), self.global_step)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ angular loss, DSINE-protocol metrics pooled over all valid pixels.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -47,15 +47,12 @@ class DepthTask:
         return DepthMetrics(min_depth, max_depth, align_max_res=align_max_res, mask_gt_range=mask_gt_range)
 
     def update_metrics(self, metrics: Metric, prediction: Tensor, batch: dict[str, Tensor]) -> None:
-        metrics.update(prediction, batch["depth"], batch["mask"])
+        metrics.update(prediction, batch["depth"], self.valid_mask(batch))
 
     def preview_row(self, prediction: Tensor, batch: dict[str, Tensor], i: int) -> Tensor:
-        aligned = align_depth_lstsq(prediction[i : i + 1].float(), batch["depth"][i : i + 1].float(), batch["mask"][i : i + 1])
-        return depth_preview_row(batch["rgb"][i], batch["depth"][i].cpu(), aligned[0].cpu(), batch["mask"][i].cpu())
-
-    def export(self, prediction: Tensor) -> dict[str, Any]:
-        """Prediction in output conventions: depth in [0, 1], 0 = near (RECIPE §5.6)."""
-        return {"depth": ((prediction.float() + 1) / 2).cpu()}
+        mask = self.valid_mask(batch)[i : i + 1]
+        aligned = align_depth_lstsq(prediction[i : i + 1].float(), batch["depth"][i : i + 1].float(), mask)
+        return depth_preview_row(batch["rgb"][i], batch["depth"][i].cpu(), aligned[0].cpu(), mask[0].cpu())
 
 
 class NormalsTask:
@@ -87,12 +84,8 @@ class NormalsTask:
         metrics.update(prediction, batch["normals"], self.valid_mask(batch))
 
     def preview_row(self, prediction: Tensor, batch: dict[str, Tensor], i: int) -> Tensor:
-        return normals_preview_row(
-            batch["rgb"][i], batch["normals"][i].cpu(), prediction[i].cpu(), self.valid_mask(batch)[i].cpu()
-        )
-
-    def export(self, prediction: Tensor) -> dict[str, Any]:
-        return {"normals": prediction.float().cpu()}
+        mask = self.valid_mask({"mask": batch["mask"][i : i + 1], "normals": batch["normals"][i : i + 1]})[0]
+        return normals_preview_row(batch["rgb"][i], batch["normals"][i].cpu(), prediction[i].cpu(), mask.cpu())
 
 
 Task = DepthTask | NormalsTask

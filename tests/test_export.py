@@ -50,8 +50,9 @@ def rgb() -> torch.Tensor:
     return torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
 
 
-def load(folder: Path) -> MarigoldDepthPipeline:
-    pipeline = MarigoldDepthPipeline.from_pretrained(folder)
+def load(folder: Path, cls: type[DiffusionPipeline] = MarigoldDepthPipeline) -> DiffusionPipeline:
+    """The stock pipeline `cls` from an exported folder, without progress bars."""
+    pipeline = cls.from_pretrained(folder)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -217,12 +218,6 @@ def rgb_square() -> torch.Tensor:
     return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 
 
-def load_normals(folder: Path) -> MarigoldNormalsPipeline:
-    pipeline = MarigoldNormalsPipeline.from_pretrained(folder)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def ours_decoded(model: GeometryEstimator, rgb: torch.Tensor, steps: int = 1) -> torch.Tensor:
     """The decoded VAE image that predict_image turns into normals (zero initial latent, trailing)."""
     z_rgb = model.encode(rgb * 2 - 1)
@@ -250,7 +245,8 @@ def test_normals_stock_pipelines_load_and_run_with_defaults(normals_folder: Path
     generic = DiffusionPipeline.from_pretrained(normals_folder)
     assert type(generic) is MarigoldNormalsPipeline
     image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
-    prediction = load_normals(normals_folder)(image).prediction  # Gaussian initial latent, default steps/resolution
+    # Gaussian initial latent, default steps and resolution
+    prediction = load(normals_folder, MarigoldNormalsPipeline)(image).prediction
     assert prediction.shape == (1, 64, 64, 3) and np.isfinite(prediction).all()
     np.testing.assert_allclose(np.linalg.norm(prediction, axis=-1), 1.0, atol=1e-5)
     assert prediction.std(axis=(0, 1, 2)).min() > 1e-2
@@ -259,7 +255,7 @@ def test_normals_stock_pipelines_load_and_run_with_defaults(normals_folder: Path
 def test_normals_pipeline_matches_predict_image(
     normals_folder: Path, normals_model: GeometryEstimator, rgb_square: torch.Tensor
 ) -> None:
-    output = load_normals(normals_folder)(
+    output = load(normals_folder, MarigoldNormalsPipeline)(
         rgb_square,
         num_inference_steps=1,
         ensemble_size=1,
@@ -312,7 +308,7 @@ def test_normals_visualization_flags_relative_to_our_frame(normals_folder: Path,
     assert np.asarray(MarigoldImageProcessor.visualize_normals(copy, flip_x=True)[0])[0, 0].tolist() == [0, 127, 127]
     # (diffusers 0.42 applies the flip to the caller's tensor in place, hence the copy.)
     # A whole predicted map: default colours = our normals_to_rgb, up to uint8 truncation.
-    prediction = load_normals(normals_folder)(rgb_square, output_type="pt").prediction
+    prediction = load(normals_folder, MarigoldNormalsPipeline)(rgb_square, output_type="pt").prediction
     colours = np.asarray(MarigoldImageProcessor.visualize_normals(prediction.clone())[0]).astype(np.float64)
     expected = normals_to_rgb(prediction[0]).permute(1, 2, 0).numpy() * 255
     assert np.abs(colours - expected).max() <= 1.0
@@ -346,7 +342,8 @@ def test_export_command_with_the_normals_config(tmp_path: Path, rgb_square: torc
     export_main(["--config", str(config), "--ckpt_path", str(ckpt), "--out", str(out), "--processing_resolution", "64"])
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "MarigoldNormalsPipeline"
     latents = torch.zeros(1, 4, 8, 8)
-    prediction = load_normals(out)(rgb_square, processing_resolution=0, latents=latents, output_type="pt").prediction
+    pipeline = load(out, MarigoldNormalsPipeline)
+    prediction = pipeline(rgb_square, processing_resolution=0, latents=latents, output_type="pt").prediction
     decoded = ours_decoded(trained, rgb_square).clamp(-1, 1)
     expected = decoded / decoded.norm(dim=1, keepdim=True).clamp(min=1e-6)
     torch.testing.assert_close(prediction, expected, atol=1e-6, rtol=0)
