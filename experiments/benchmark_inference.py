@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def validation_images(configs: list[str], overrides: list[str], count: int) -> dict[str, torch.Tensor]:
-    """The first `count` validation samples of the run's data (generated on first use), padding dropped."""
+    """The first `count` validation samples of the run's data (generated on first use), padding dropped; rgb in [0, 1]."""
     arguments = [part for config in configs for part in ("--config", config)] + overrides
     datamodule = cli_main(arguments, run=False).datamodule
     datamodule.prepare_data()
@@ -75,6 +75,7 @@ def validation_images(configs: list[str], overrides: list[str], count: int) -> d
         if taken >= count:
             break
     data = {name: torch.cat(chunks)[:count] for name, chunks in parts.items()}
+    data["rgb"] = (data["rgb"] + 1) / 2  # the batch contract's [-1, 1] -> predict's [0, 1]
     data["min_depth"], data["max_depth"] = datamodule.min_depth, datamodule.max_depth
     return data
 

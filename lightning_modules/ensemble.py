@@ -93,21 +93,22 @@ def ensemble_depth(
         return members[0], None
     work = members.float()
     if scale_invariant:
-        small = _downsample(work, max_res).double()
-
-        pair_i, pair_j = torch.triu_indices(members.shape[0], members.shape[0], offset=1)
+        with torch.inference_mode(False):  # validation/test run under inference mode; the solver needs autograd
+            small = _downsample(work, max_res).double().clone()
+            pair_i, pair_j = torch.triu_indices(members.shape[0], members.shape[0], offset=1)
 
         def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
-            p = torch.tensor(params, dtype=torch.float64, requires_grad=True)
-            aligned = _apply(small, p, shift_invariant)
-            flat = aligned.flatten(1)
-            # Pairwise RMSE; the clamp keeps the gradient finite for identical members (sqrt'(0) is infinite).
-            cost = (flat[pair_i] - flat[pair_j]).square().mean(dim=1).clamp_min(1e-24).sqrt().sum()
-            centre, _ = _reduce(aligned, reduction)
-            # Pulls the fused map towards [0,1]; without it every scale could shrink to 0 for a zero error.
-            penalty = centre.min().abs() + (1 - centre.max()).abs()
-            total = cost + regularizer * penalty
-            (gradient,) = torch.autograd.grad(total, p)
+            with torch.inference_mode(False), torch.enable_grad():
+                p = torch.tensor(params, dtype=torch.float64, requires_grad=True)
+                aligned = _apply(small, p, shift_invariant)
+                flat = aligned.flatten(1)
+                # Pairwise RMSE; the clamp keeps the gradient finite for identical members (sqrt'(0) is infinite).
+                cost = (flat[pair_i] - flat[pair_j]).square().mean(dim=1).clamp_min(1e-24).sqrt().sum()
+                centre, _ = _reduce(aligned, reduction)
+                # Pulls the fused map towards [0,1]; without it every scale could shrink to 0 for a zero error.
+                penalty = centre.min().abs() + (1 - centre.max()).abs()
+                total = cost + regularizer * penalty
+                (gradient,) = torch.autograd.grad(total, p)
             return float(total.detach()), gradient.numpy()
 
         init = _initial_params(small, shift_invariant)

@@ -8,6 +8,7 @@ import pytest
 
 from experiments.__main__ import main as cli_main
 from experiments.benchmark_inference import main as benchmark
+from experiments.benchmark_inference import validation_images
 from tests.conftest import ROOT, tiny_run_args
 
 
@@ -24,6 +25,8 @@ def test_benchmark_counts_unet_calls_and_writes_the_table(tmp_path, shard_cache)
         (s, n, k) for s in ("leading", "trailing") for n in (1, 4) for k in (1, 3)
     ]
     assert all(r["unet_calls"] == r["steps"] * r["ensemble"] and r["ms_per_image"] > 0 for r in rows)
+    data = validation_images(configs[1::2], [f"--data.init_args.synthetic.cache_dir={shard_cache}"], 3)
+    assert data["rgb"].min() >= 0 and data["rgb"].max() <= 1  # predict's input range, not the batch's [-1, 1]
     by_setting = {(r["spacing"], r["steps"], r["ensemble"]): r for r in rows}
     # One leading step evaluates the UNet at t=1, one trailing step at t=999: different predictions.
     assert by_setting["leading", 1, 1]["abs_rel"] != pytest.approx(by_setting["trailing", 1, 1]["abs_rel"], rel=1e-6)

@@ -121,3 +121,14 @@ def test_long_solves_do_not_collapse(shift_invariant: bool) -> None:
     assert fused.max() == 1 and fused.min() >= 0 and torch.isfinite(uncertainty).all()
     target = (d[0] - d.min()) / (d.max() - d.min()) if shift_invariant else d[0] / d.max()
     assert (fused - target).abs().mean() < 0.06
+
+
+def test_depth_ensemble_runs_under_inference_mode():
+    """Validation and test loops run under torch.inference_mode; the solver's autograd gradient must still work."""
+    torch.manual_seed(0)
+    base = torch.rand(1, 1, 16, 16)
+    members = torch.cat([base * (1 + 0.1 * k) + 0.05 * k for k in range(4)])
+    expected, _ = ensemble_depth(members)
+    with torch.inference_mode():
+        fused, _ = ensemble_depth(members)
+    torch.testing.assert_close(fused, expected)

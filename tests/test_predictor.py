@@ -120,3 +120,9 @@ def test_bf16_autocast_runs_and_restores_training_mode() -> None:
     result = predict(model, images(1, 24, 24), processing_resolution=0, bf16=True)
     assert result["depth"].dtype == torch.float32 and torch.isfinite(result["depth"]).all()
     assert model.training
+
+
+def test_images_outside_unit_range_are_refused(depth_model: GeometryEstimator) -> None:
+    """The batch contract's [-1, 1] images passed by mistake would predict silently on the wrong input."""
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        predict(depth_model, images(1, 16, 16) * 2 - 1.5)
