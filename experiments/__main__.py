@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LightningCLI
 from experiments.batch_size import EffectiveBatchSize
 from experiments.config_defaults import expand_config_defaults
 from experiments.run_dir import pin_run_folder, resolve_ckpt_path
+from experiments.standin import resolve_pretrained
 
 
 class ExperimentCLI(LightningCLI):
@@ -24,6 +25,10 @@ class ExperimentCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         config.defaults = None
         pin_run_folder(config.trainer)  # requeued SLURM jobs log, save and resume in one folder
+        init_args = config.model.get("init_args") if config.get("model") is not None else None
+        if init_args is not None and isinstance(init_args.get("pretrained"), str):
+            # `standin:sd2` -> the framework's own SD2-layout stand-in, built into the cache on first use
+            init_args.pretrained = resolve_pretrained(init_args.pretrained)
 
     def before_fit(self) -> None:
         config = self.config_init["fit"]

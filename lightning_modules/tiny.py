@@ -48,7 +48,8 @@ def _default_vae() -> dict[str, Any]:
     )
 
 
-def _default_text_encoder() -> dict[str, Any]:
+def default_text_encoder() -> dict[str, Any]:
+    """The tiny CLIP text encoder (hidden size 32 = the tiny UNet's cross-attention width)."""
     return dict(
         hidden_size=32,
         intermediate_size=37,
@@ -69,7 +70,7 @@ class TinySpec:
     seed: int = 0
     unet: dict[str, Any] = field(default_factory=_default_unet)
     vae: dict[str, Any] = field(default_factory=_default_vae)
-    text_encoder: dict[str, Any] = field(default_factory=_default_text_encoder)
+    text_encoder: dict[str, Any] = field(default_factory=default_text_encoder)
     prediction_type: str = "v_prediction"
 
 

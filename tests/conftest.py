@@ -50,3 +50,11 @@ def run_experiments_cli(args: list[str], cwd: Path, env: dict[str, str] | None =
         pytest.fail(f"run hung after {timeout} s:\n{output[-4000:]}")
     assert proc.returncode == 0, output[-4000:]
     return output
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_folder(tmp_path_factory) -> Path:
+    """A tiny randomly initialised model saved in Stable Diffusion 2 layout (4-channel UNet)."""
+    from lightning_modules.standin_folder import save_tiny_sd2_folder
+
+    return save_tiny_sd2_folder(tmp_path_factory.mktemp("tiny_sd2") / "sd2")
