@@ -62,11 +62,16 @@ def test_config_defaults_expand_before_the_file(tmp_path):
         expand_config_defaults(["--config", str(tmp_path / "c.yaml")])
 
 
-def test_demo_config_composes(tmp_path):
-    cli = main(["--config", str(ROOT / "configs/demo.yaml"), f"--data.init_args.synthetic.cache_dir={tmp_path}"], run=False)
-    assert cli.config.trainer.max_steps == 600
+def test_demo_config_composes(tmp_path, tiny_sd2_folder):
+    cli = main(
+        ["--config", str(ROOT / "configs/demo.yaml"), f"--data.init_args.synthetic.cache_dir={tmp_path}",
+         f"--model.init_args.pretrained={tiny_sd2_folder}"],
+        run=False,
+    )  # fmt: skip
+    assert cli.config.trainer.max_steps == 1500
     assert type(cli.model.objective).__name__ == "E2EObjective"
     assert cli.datamodule.batch_size == 4
+    assert cli.model.unet.config.in_channels == 8  # the SD2-layout UNet was widened
 
 
 def test_test_and_predict_subcommands(tmp_path, shard_cache):
