@@ -114,8 +114,10 @@ def fit_stage(name: str, args: argparse.Namespace, extra: list[str]) -> tuple[Pa
         seconds = json.loads((folder / "done.json").read_text())["seconds"]
         print(f"[mini_paper] {name}: reusing {checkpoint} ({seconds / 60:.1f} min when trained)", flush=True)
         return checkpoint, seconds
-    if folder.exists():
-        shutil.rmtree(folder)  # a stale or interrupted run of other arguments: start clean
+    if folder.exists():  # an interrupted run, or one of other arguments: keep it aside, start clean
+        aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(folder, aside)
+        print(f"[mini_paper] {name}: earlier run folder moved to {aside}", flush=True)
     print(f"[mini_paper] {name}: training", flush=True)
     started = time.perf_counter()
     cli = cli_main(arguments)

@@ -7,7 +7,7 @@ setting builds a new entry. Stage outputs are kept as they finish and a stage re
 so an interrupted build continues; the SD2 folder appears by an atomic rename, so a complete-looking folder is
 always complete. Configs name it `pretrained: standin:sd2`; the CLI resolves that to the built folder.
 
-    python -m experiments.standin [--rebuild] [--ae_steps N] [--prior_steps N] [CLI overrides for both stages ...]
+    python -m experiments.standin [--rebuild] [--samples PNG] [--reconstructions PNG] [CLI overrides for both stages]
 """
 
 from __future__ import annotations
@@ -64,7 +64,13 @@ def _run_stage(stage: str, entry: Path, extra: list[str]):
         "--ckpt_path", "auto",
         *extra,
     ]  # fmt: skip
-    return main(args)
+    cli = main(args)
+    trainer = cli.trainer
+    if trainer.max_steps > 0 and trainer.global_step < trainer.max_steps:
+        raise RuntimeError(
+            f"stand-in stage {stage} stopped at step {trainer.global_step} of {trainer.max_steps}; rerun to resume"
+        )
+    return cli
 
 
 def _validation_metrics(cli) -> dict[str, float]:
@@ -114,6 +120,19 @@ def build_standin(overrides: list[str] | None = None, rebuild: bool = False) -> 
     return final
 
 
+def wait_for_standin(folder: Path, timeout_s: float = 3600.0, poll_s: float = 10.0) -> Path:
+    """Block until another process has finished building `folder` (a shared file system is assumed)."""
+    deadline = time.monotonic() + timeout_s
+    while not (folder / "model_index.json").is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"waited {timeout_s:.0f} s for rank 0 to build the stand-in at {folder}; build it once before "
+                "launching (python -m experiments.standin) or put DGFT_CACHE on a shared file system"
+            )
+        time.sleep(poll_s)
+    return folder
+
+
 def resolve_pretrained(value: str | None) -> str | None:
     """`standin:sd2` -> the built stand-in folder (building it on first use); other values unchanged."""
     if not isinstance(value, str) or not value.startswith(STANDIN_SCHEME):
@@ -122,6 +141,9 @@ def resolve_pretrained(value: str | None) -> str | None:
     if name != "sd2":
         raise ValueError(f"unknown stand-in {value!r}; available: 'standin:sd2' (Stable Diffusion 2 layout)")
     folder = standin_dir() / "sd2"
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID")
+    if rank not in (None, "0"):
+        return str(wait_for_standin(folder))  # multi-process launches: global rank 0 builds, the others wait
     if not (folder / "model_index.json").is_file():
         # A build inside another CLI's parsing must not move that run's random state (seed_everything ran).
         states = random.getstate(), np.random.get_state()

@@ -17,23 +17,16 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import Tensor
 
+from lightning_modules.tiny import default_vae
 from lightning_modules.visualize import normals_to_rgb, stack_rows
 
 ImageKind = Literal["rgb", "depth", "normals"]
+KINDS: tuple[ImageKind, ...] = ("rgb", "depth", "normals")
 
 
 def default_autoencoder() -> dict[str, Any]:
-    """8x downsampling, 4 latent channels (SD's layout at a CPU-friendly width)."""
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[16, 32, 32, 32],
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-    )
+    """8x downsampling, 4 latent channels (SD's layout at a CPU-friendly width): the tiny model's VAE."""
+    return default_vae()
 
 
 def kind_image(batch: dict[str, Tensor], kind: ImageKind) -> Tensor:
@@ -90,11 +83,12 @@ class AutoencoderPretraining(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.kinds: list[ImageKind] = list(kinds or ["rgb", "depth", "normals"])
+        self.kinds: list[ImageKind] = list(KINDS if kinds is None else kinds)
         if crop_size is not None and (crop_size < 8 or crop_size % 8):
             raise ValueError(f"crop_size must be a positive multiple of 8 or null, got {crop_size}")
-        for kind in self.kinds:
-            kind_image({"rgb": torch.zeros(1), "depth_norm": torch.zeros(1, 1, 1, 1), "normals": torch.zeros(1)}, kind)
+        unknown = [kind for kind in self.kinds if kind not in KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"unknown image kind(s) {unknown} (or none given); use {list(KINDS)}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.vae = AutoencoderKL(**(autoencoder or default_autoencoder()))
@@ -140,7 +134,7 @@ class AutoencoderPretraining(L.LightningModule):
             return
         batch = {k: v[keep] for k, v in batch.items() if isinstance(v, Tensor)}
         rows = []
-        for kind in ("rgb", "depth", "normals"):
+        for kind in KINDS:
             image = kind_image(batch, kind)
             recon = self.reconstruct(image)
             for name, value in reconstruction_scores(image, recon, kind, batch["mask"]).items():

@@ -20,22 +20,13 @@ from lightning_modules.components import empty_prompt_embedding, sd2_noise_sched
 from lightning_modules.inference import inference_scheduler, sample_latent
 from lightning_modules.objectives import masked_mse
 from lightning_modules.standin_folder import byte_level_tokenizer, default_text_encoder, tiny_text_encoder
+from lightning_modules.tiny import default_unet
 from lightning_modules.visualize import stack_rows
 
 
 def default_prior_unet() -> dict[str, Any]:
-    """SD2's block layout at a CPU-friendly width: 4 latent channels in, 4 out."""
-    return dict(
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=[32, 64],
-        layers_per_block=1,
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    """The tiny UNet with SD2's 4 latent input channels (the estimator later widens conv_in to 8)."""
+    return dict(default_unet(), in_channels=4)
 
 
 class ImagePriorPretraining(L.LightningModule):

@@ -21,7 +21,7 @@ from lightning_modules.components import Components, sd2_noise_scheduler
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _default_unet() -> dict[str, Any]:
+def default_unet() -> dict[str, Any]:
     return dict(
         in_channels=8,
         out_channels=4,
@@ -35,7 +35,7 @@ def _default_unet() -> dict[str, Any]:
     )
 
 
-def _default_vae() -> dict[str, Any]:
+def default_vae() -> dict[str, Any]:
     return dict(
         in_channels=3,
         out_channels=3,
@@ -68,8 +68,8 @@ class TinySpec:
     """Architecture of the tiny model: diffusers/transformers config keys per component, plus a seed."""
 
     seed: int = 0
-    unet: dict[str, Any] = field(default_factory=_default_unet)
-    vae: dict[str, Any] = field(default_factory=_default_vae)
+    unet: dict[str, Any] = field(default_factory=default_unet)
+    vae: dict[str, Any] = field(default_factory=default_vae)
     text_encoder: dict[str, Any] = field(default_factory=default_text_encoder)
     prediction_type: str = "v_prediction"
 

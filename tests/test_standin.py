@@ -152,3 +152,14 @@ def test_cli_resolves_the_standin_scheme(tmp_path, monkeypatch, tiny_sd2_folder,
     assert cli.model.unet.config.in_channels == 8
     with pytest.raises(ValueError, match="unknown stand-in"):
         standin.resolve_pretrained("standin:sd9")
+
+
+def test_other_ranks_wait_for_rank_zero(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(standin, "build_standin", lambda *a, **k: pytest.fail("only rank 0 builds"))
+    with pytest.raises(TimeoutError, match="rank 0"):
+        standin.wait_for_standin(standin.standin_dir() / "sd2", timeout_s=0.0, poll_s=0.0)
+    (standin.standin_dir() / "sd2").mkdir(parents=True)
+    (standin.standin_dir() / "sd2" / "model_index.json").write_text("{}")
+    assert standin.resolve_pretrained("standin:sd2") == str(standin.standin_dir() / "sd2")
