@@ -134,15 +134,21 @@ def generate_synthetic_shards(
     return shards
 
 
-def ensure_synthetic(spec: SyntheticSpec) -> dict[str, list[str]]:
-    """Generate the train and val splits of `spec` unless complete; return their shard paths."""
+def ensure_synthetic(spec: SyntheticSpec, processes: int | None = None) -> dict[str, list[str]]:
+    """Generate the train and val splits of `spec` unless complete; return their shard paths.
+
+    `processes` (default: up to 8 of this machine's cores) render shards in parallel; scenes are seeded by index, so
+    the shards are the same whatever the count.
+    """
     root = spec.folder()
     counts = {"train": spec.num_train, "val": spec.num_val}
+    processes = processes if processes is not None else min(8, os.cpu_count() or 1)
     return {
         split: [
             str(p)
             for p in generate_synthetic_shards(
-                root / split, count, spec.height, spec.width, spec.seed, spec.samples_per_shard, split
+                root / split, count, spec.height, spec.width, spec.seed, spec.samples_per_shard, split,
+                processes=min(processes, -(-count // spec.samples_per_shard)),
             )
         ]
         for split, count in counts.items()

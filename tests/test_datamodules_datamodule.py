@@ -78,3 +78,19 @@ def test_shard_patterns_expand_and_bad_settings_fail(tmp_path):
         ShardDataModule()
     with pytest.raises(ValueError, match="batch sizes must be >= 1"):
         ShardDataModule(train_shards=shards, batch_size=0)
+
+
+def test_parallel_generation_writes_the_same_scenes(tmp_path):
+    import tarfile
+
+    def members(shards):
+        out = {}
+        for shard in shards:
+            with tarfile.open(shard) as tar:
+                out.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+        return out
+
+    serial = generate_synthetic_shards(tmp_path / "a", 6, 32, 48, 0, 2, "train", processes=1)
+    parallel = generate_synthetic_shards(tmp_path / "b", 6, 32, 48, 0, 2, "train", processes=2)
+    assert [p.name for p in serial] == [p.name for p in parallel]
+    assert members(serial) == members(parallel)
