@@ -21,7 +21,7 @@ from experiments.config_defaults import expand_config_defaults
 from lightning_modules.export import export_to_diffusers, pipeline_class
 
 # Keys of a saved `fit` config that the subcommand-less CLI rejects or that export does not need.
-DROPPED_KEYS = ("ckpt_path", "data", "defaults")
+DROPPED_KEYS = ("ckpt_path", "weights_only", "data", "defaults")
 
 # Export needs only the model: no data, no logger, one CPU process whatever the run was trained on.
 CLI_OVERRIDES = [

@@ -176,6 +176,7 @@ def test_export_command(tmp_path: Path, rgb: torch.Tensor, capsys: pytest.Captur
     config = {
         "seed_everything": 0,
         "ckpt_path": None,
+        "weights_only": None,  # Lightning 2.6's fit writes it; the model-only CLI rejects it
         "model": {"class_path": "lightning_modules.module.GeometryEstimator", "init_args": {"tiny": {"seed": 0}}},
         "data": {"class_path": "datamodules.not_needed.DataModule", "init_args": {"batch_size": 2}},
         "trainer": {"accelerator": "gpu", "devices": 4, "strategy": "ddp", "logger": False},
