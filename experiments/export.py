@@ -49,12 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="true",
         help="true: the pipeline's last step returns x0 like predict_image; false: as published Marigold folders",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     args = parser.parse_args(argv)
     for config in args.config:
         if not Path(config).is_file():
             parser.error(f"config {config} does not exist")
     if not args.ckpt_path.is_file():
         parser.error(f"checkpoint {args.ckpt_path} does not exist (expected a Lightning .ckpt file)")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
+        parser.error(f"{args.out} exists and is not empty: choose another --out or pass --overwrite")
     return args
 
 
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> Path:
         denoising_steps=args.denoising_steps,
         tokenizer_source=args.tokenizer_source,
         set_alpha_to_one=args.set_alpha_to_one == "true",
+        overwrite=args.overwrite,
     )
     name = pipeline_class(model.task.name).__name__
     shape = "[1,H,W,1] in [0,1]" if model.task.name == "depth" else "[1,H,W,3] unit normals, x left, y up, z out"

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -130,17 +129,14 @@ def fit_stage(name: str, args: argparse.Namespace, extra: list[str]) -> tuple[Pa
 
 
 def export_marigold(checkpoint: Path, out: Path) -> Path:
-    """The diffusion-trained model as a stock MarigoldDepthPipeline folder (written under a temporary name)."""
+    """The diffusion-trained model as a stock MarigoldDepthPipeline folder (replaced whole, atomically)."""
     from lightning_modules.export import export_to_diffusers
     from lightning_modules.module import GeometryEstimator
 
     model = GeometryEstimator.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    export_to_diffusers(model, tmp, processing_resolution=128, denoising_steps=1, set_alpha_to_one=False)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    return export_to_diffusers(
+        model, out, processing_resolution=128, denoising_steps=1, set_alpha_to_one=False, overwrite=True
+    )
 
 
 def middlebury_datamodule(shard_dir: Path):

@@ -27,6 +27,8 @@ Normals: frame and conventions, as checked against diffusers 0.42 (tests/test_ex
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,13 +121,19 @@ def export_to_diffusers(
     denoising_steps: int = 1,
     tokenizer_source: str | None = None,
     set_alpha_to_one: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` as the stock pipeline folder of its task and return its path.
 
     Depth -> `MarigoldDepthPipeline` (affine-invariant depth in [0, 1]); normals -> `MarigoldNormalsPipeline`
     (unit normals in the training frame, x left, y up, z towards the viewer; see the module docstring). The
     scheduler (`export_scheduler`), text components and `default_*` keys are the same for both.
+    The folder is written under a temporary name and renamed when complete, so a failed export leaves no mix of
+    old and new files; an existing non-empty `out_dir` is refused unless `overwrite`, which replaces it whole.
     """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty: choose another folder or pass overwrite (--overwrite)")
     cls = pipeline_class(model.task.name)
     if processing_resolution % model.vae_scale_factor:
         raise ValueError(f"processing_resolution must be a multiple of {model.vae_scale_factor} (0 = native)")
@@ -142,6 +150,21 @@ def export_to_diffusers(
         default_processing_resolution=processing_resolution,
         **PIPELINES[model.task.name][1],
     )
-    out_dir = Path(out_dir)
-    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():  # empty, or overwrite: swap the complete new folder in, then drop the old one
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        os.replace(tmp, out_dir)
     return out_dir

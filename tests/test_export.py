@@ -348,3 +348,38 @@ def test_export_command_with_the_normals_config(tmp_path: Path, rgb_square: torc
     decoded = ours_decoded(trained, rgb_square).clamp(-1, 1)
     expected = decoded / decoded.norm(dim=1, keepdim=True).clamp(min=1e-6)
     torch.testing.assert_close(prediction, expected, atol=1e-6, rtol=0)
+
+
+def test_export_refuses_a_non_empty_folder_and_replaces_atomically(
+    model: GeometryEstimator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "pipe"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_to_diffusers(model, out, processing_resolution=64)
+    assert (out / "notes.txt").read_text() == "mine"  # nothing touched
+    # A failing export leaves the old folder exactly as it was and no temporary folder behind.
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(MarigoldDepthPipeline, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_to_diffusers(model, out, processing_resolution=64, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    monkeypatch.undo()
+    export_to_diffusers(model, out, processing_resolution=64, overwrite=True)
+    assert (out / "model_index.json").is_file() and not (out / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_export_command_refuses_a_non_empty_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config, ckpt, out = tmp_path / "c.yaml", tmp_path / "x.ckpt", tmp_path / "out"
+    config.write_text("model: {}\n")
+    ckpt.write_bytes(b"")
+    out.mkdir()
+    (out / "a").write_text("")
+    with pytest.raises(SystemExit):
+        export_main(["--config", str(config), "--ckpt_path", str(ckpt), "--out", str(out)])
+    assert "--overwrite" in capsys.readouterr().err
