@@ -266,8 +266,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     print("[mini_paper] evaluating", flush=True)
     eval_started = time.perf_counter()
-    data_args = ["--config", str(CONFIGS / "e2e_from_sd2.yaml"), *pretrained, *(QUICK_DATA if args.quick else [])]
-    synthetic = validation_images(data_args[1:2], data_args[2:], args.images)
+    # The validation rooms all three runs validated on (their configs share the data groups).
+    data_overrides = [*pretrained, *(QUICK_DATA if args.quick else [])]
+    synthetic = validation_images([str(CONFIGS / "e2e_from_sd2.yaml")], data_overrides, args.images)
     middlebury = middlebury_datamodule(args.runs / "middlebury" / "shards")
     rows, models = [], {}
     for row in ROWS:
