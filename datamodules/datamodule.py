@@ -36,7 +36,7 @@ class ShardDataModule(L.LightningDataModule):
     Args:
         train_shards: training shards: glob, brace pattern or list (defaults to the synthetic ones).
         train_sources: instead of `train_shards`, several training datasets with probabilities; every micro-batch
-            comes from one of them (datamodules.mixture, RECIPE §4.5).
+            comes from one of them (datamodules.mixture, docs/method.md §4.5).
         val_shards: validation shards, read in order at every validation.
         test_shards: shards for `test` and `predict`, always read completely (default: `val_shards`).
         shard_root: folder that relative shard paths (train, sources, val, test) are taken under.

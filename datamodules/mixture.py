@@ -1,6 +1,6 @@
 """Training on several datasets: each micro-batch comes whole from one source, drawn with fixed probabilities.
 
-RECIPE §4.5 (Marigold's mixing): per micro-batch pick the source by its probability (Hypersim 0.9, Virtual KITTI
+docs/method.md §4.5 (Marigold's mixing): per micro-batch pick the source by its probability (Hypersim 0.9, Virtual KITTI
 0.1), so resolutions never mix inside a batch and the effective batch mixes sources through accumulation. Every
 source is an endless `TrainStream` (split by rank, then worker; resampled, so a small source simply cycles).
 The choice is drawn from a generator seeded by (seed, global step at which the stream started, rank, worker): a

@@ -5,7 +5,7 @@ point light, seen by a pinhole camera with random position, yaw and pitch. A win
 and is invalid (like Hypersim's missing geometry). Deterministic per seed.
 
 Conventions: depth is planar (along the optical axis) in metres; normals are unit vectors in the camera
-frame with x pointing image-left, y up and z towards the viewer, always facing the camera (RECIPE §4.1).
+frame with x pointing image-left, y up and z towards the viewer, always facing the camera (docs/method.md §4.1).
 """
 
 from __future__ import annotations

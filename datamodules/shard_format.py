@@ -10,7 +10,7 @@ group of tar members sharing a key (`<key>.rgb.png`, `<key>.depth.png`, ...):
 | `rgb.png` | 8-bit RGB image, the network input |
 | `depth.png` | 16-bit grayscale PNG; metres = value x `depth_scale`; 0 = no data |
 | `mask.png` | 8-bit grayscale PNG; 255 = valid pixel, 0 = invalid (sky, window, missing geometry) |
-| `normals.png` | optional 8-bit RGB PNG; n = value / 255 x 2 - 1, renormalised; camera frame x left, y up, z towards the viewer, facing the camera (RECIPE §4.1); ignored where mask = 0 |
+| `normals.png` | optional 8-bit RGB PNG; n = value / 255 x 2 - 1, renormalised; camera frame x left, y up, z towards the viewer, facing the camera (docs/method.md §4.1); ignored where mask = 0 |
 | `json` | metadata (UTF-8 JSON object), see below |
 
 Metadata keys: `source` (`synthetic`, `hypersim`, `vkitti2`, ...), `domain` (`indoor` / `outdoor`), `depth_scale`
@@ -23,7 +23,7 @@ Keys written by the real-data converters (`datamodules.convert`; all optional, a
 `split` (`train` / `val` / `test`), `has_depth` (false: a normals-only sample whose `mask.png` is the normals'
 validity and whose `depth.png` is all zero; absent = true), `converter`, `inputs` (raw files, relative paths),
 `crop` ([top, left, height, width] taken from the `original_size` [H, W] raster), `resized_from` [H, W]. Evaluation
-shards add: `eval_protocol` (`marigold_depth`, RECIPE §6.1, or `dsine_normals`, §6.2); `eval_min_depth` /
+shards add: `eval_protocol` (`marigold_depth`, docs/method.md §6.1, or `dsine_normals`, §6.2); `eval_min_depth` /
 `eval_max_depth` (clip range of aligned predictions in metres, null = unbounded); `eval_mask` (the rule that built
 `mask.png`, which is the complete evaluation mask: `range`, `range+eigen_crop`, `file`, `rgb_sum>0`, `norm>0.5`);
 `eval_crop` ([top, bottom, left, right] pixel box already ANDed into `mask.png`, or null);

@@ -1,4 +1,4 @@
-"""Per-sample training targets (RECIPE §4.3) and the horizontal flip (§4.4), as float32 torch tensors.
+"""Per-sample training targets (docs/method.md §4.3) and the horizontal flip (§4.4), as float32 torch tensors.
 
 Output keys (the batch contract, before batching): `rgb` [3,H,W] in [-1, 1]; `depth` [1,H,W] raw metric depth
 (0 = invalid), used by metrics; `depth_target` [1,H,W] depth clamped to its 2nd/98th percentiles with invalid

@@ -1,4 +1,4 @@
-"""Derive gradient accumulation from the effective batch size, the micro-batch and the world size (RECIPE §3)."""
+"""Derive gradient accumulation from the effective batch size, the micro-batch and the world size, docs/method.md §3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The scheduler finding, measured: DDIM spacing x steps x ensemble size -> UNet calls, time, AbsRel (RECIPE §5).
+"""The scheduler finding, measured: DDIM spacing x steps x ensemble size -> UNet calls, time, AbsRel, docs/method.md §5.
 
     python -m experiments.benchmark_inference [--ckpt_path runs/demo_e2e/fit/checkpoints/last.ckpt]
         [--config configs/demo.yaml] [--images 16] [--out results/benchmark_inference]

@@ -2,7 +2,7 @@
 
 MODEL is a diffusers folder (model_index.json or unet/), a Lightning checkpoint with the run's `--config`, or a
 Lightning checkpoint alone (it carries the module's hyperparameters). Each image is processed on its own at
-`--processing_resolution` and written next to its relative path under FOLDER (RECIPE §5.6 conventions).
+`--processing_resolution` and written next to its relative path under FOLDER (docs/method.md §5.6 conventions).
 Unreadable files are reported and skipped; the exit status is 0 if at least one image was written.
 """
 

@@ -1,4 +1,4 @@
-"""Per-image least-squares scale/shift alignment of affine-invariant depth (RECIPE §2.2.1, §6.1)."""
+"""Per-image least-squares scale/shift alignment of affine-invariant depth (docs/method.md §2.2.1, §6.1)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def least_squares_scale_shift(pred: Tensor, target: Tensor, mask: Tensor) -> tup
     """Differentiable float32 per-image scale/shift [B] minimising Σ_mask (s·pred + t − target)²; s = t = 0 if det ≤ 0.
 
     Degenerate images (fewer than two distinct valid predictions, including empty masks) get s = t = 0 as in
-    RECIPE §2.2.1; s and t are not detached and the sign of s is free.
+    docs/method.md §2.2.1; s and t are not detached and the sign of s is free.
     """
     with torch.autocast(device_type=pred.device.type, enabled=False):
         return _solve(pred.float(), target.float(), mask.bool().expand_as(pred), fallback_mean=False)

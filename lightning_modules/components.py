@@ -27,7 +27,7 @@ class Components:
 
 
 def sd2_noise_scheduler(prediction_type: str = "v_prediction", zero_snr: bool = False) -> DDPMScheduler:
-    """The SD2 training scheduler (RECIPE §1.2) with clipping and thresholding explicitly off."""
+    """The SD2 training scheduler (docs/method.md §1.2) with clipping and thresholding explicitly off."""
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
@@ -57,13 +57,13 @@ def load_pretrained_components(name_or_path: str) -> Components:
             f"text_encoder/, tokenizer/ and scheduler/ subfolders (offline? pass a local folder). Cause: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
-    # Missing keys would silently fall back to diffusers' defaults (clip_sample=True), see RECIPE §9.9.
+    # Missing keys would silently fall back to diffusers' defaults (clip_sample=True), see docs/method.md §9.9.
     scheduler = DDPMScheduler.from_config(scheduler_config, clip_sample=False, thresholding=False)
     return Components(unet, vae, text_encoder, tokenizer, scheduler)
 
 
 def widen_conv_in(unet: UNet2DConditionModel, rule: ConvInRule) -> None:
-    """Widen a 4-channel conv_in to 8 channels in place: weights tiled twice and halved (RECIPE §1.3).
+    """Widen a 4-channel conv_in to 8 channels in place: weights tiled twice and halved (docs/method.md §1.3).
 
     `marigold` keeps the bias, `e2e_ft` halves it too. Input channel order: [image latent, target latent].
     """
@@ -103,7 +103,7 @@ def ensure_eight_channel_unet(unet: UNet2DConditionModel, rule: ConvInRule) -> N
 def empty_prompt_embedding(
     text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, padding: PromptPadding = "none"
 ) -> torch.Tensor:
-    """Embed the empty prompt: [1, 2, D] ([BOS, EOS], the default, RECIPE §2.3) or [1, 77, D] padded."""
+    """Embed the empty prompt: [1, 2, D] ([BOS, EOS], the default, docs/method.md §2.3) or [1, 77, D] padded."""
     tokens = tokenizer(
         "",
         padding="max_length" if padding == "max_length" else "do_not_pad",

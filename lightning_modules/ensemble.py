@@ -1,4 +1,4 @@
-"""Test-time ensembling of several predictions of one image: affine-aligned depth, averaged normals (RECIPE §5.5)."""
+"""Test-time ensembling of predictions of one image: affine-aligned depth, averaged normals (docs/method.md §5.5)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import Tensor
 DepthReduction = Literal["median", "mean"]
 NormalsReduction = Literal["closest", "mean"]
 
-# Solver presets (RECIPE §5.5, §9.17): results depend on them, so log the one used.
+# Solver presets (docs/method.md §5.5, §9.17): results depend on them, so log the one used.
 DEPTH_ENSEMBLE_PRESETS: dict[str, dict[str, float | int]] = {
     "diffusers": dict(max_iter=2, tol=1e-3, max_res=1024),
     "marigold_v1_0": dict(max_iter=2, tol=1e-3, max_res=50),

@@ -1,4 +1,4 @@
-"""Evaluation protocol of one dataset (RECIPE §6): prediction settings, ground-truth crop, input mode, tables."""
+"""Evaluation protocol of a dataset (docs/method.md §6): prediction settings, ground-truth crop, input mode, tables."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class EvalSpec:
-    """How validation and test evaluate (RECIPE §6.1 depth, §6.2 normals); the model's `evaluation` argument.
+    """How validation and test evaluate (docs/method.md §6.1 depth, §6.2 normals); the model's `evaluation` argument.
 
     Args:
         dataset: name in the metric tables (`metrics_<dataset>.csv` / `.md`).
@@ -34,7 +34,7 @@ class EvalSpec:
         crop: evaluation crop (top, bottom, left, right) as fractions of height/width, rows int(top H) to
             int(bottom H), columns likewise (Eigen crop: NYUv2 45:471, 41:601; KITTI 117:321, 43:1172).
         input_mode: `exact` images, or `dsine_minmax`: ImageNet-normalised then min-max stretched to 8 bits over
-            the whole image, as the published normal numbers were made (RECIPE §6.2).
+            the whole image, as the published normal numbers were made (docs/method.md §6.2).
     """
 
     dataset: str = "val"

@@ -1,4 +1,4 @@
-"""Export a trained GeometryEstimator as a folder that stock diffusers loads (RECIPE §7).
+"""Export a trained GeometryEstimator as a folder that stock diffusers loads (docs/method.md §7).
 
 The pipeline class follows the model's task: depth models become `MarigoldDepthPipeline` folders
 (`prediction_type="depth"`, scale- and shift-invariant), normals models `MarigoldNormalsPipeline` folders
@@ -8,19 +8,19 @@ The pipeline class follows the model's task: depth models become `MarigoldDepthP
 Normals: frame and conventions, as checked against diffusers 0.42 (tests/test_export.py)
 - Frame. `MarigoldNormalsPipeline` returns the decoded VAE image's channels as they are (clip, L2-normalise, no
   axis flip or permutation), exactly as `NormalsTask.from_decoded` does, so its `prediction` is in the frame the
-  model was trained in: ours, x left, y up, z towards the viewer (RECIPE §4.1, §9.14). Run like `predict_image`
+  model was trained in: ours, x left, y up, z towards the viewer (docs/method.md §4.1, §9.14). Run like `predict_image`
   (`latents=zeros`, `processing_resolution=0`, 1 step) it returns the same final latent exactly and, channel for
   channel, the same normals to within 1e-5 / |decoded| per element wherever the decoder stays inside [-1, 1]
   (next point). Nothing is needed to convert between the two.
 - Post-processing order differs. diffusers clips the decoded image to [-1, 1] and then divides by
-  `max(norm, 1e-6)`; `NormalsTask.from_decoded` divides by `norm + 1e-5` and then clamps (RECIPE §1.6). The two
+  `max(norm, 1e-6)`; `NormalsTask.from_decoded` divides by `norm + 1e-5` and then clamps (docs/method.md §1.6). The two
   agree (to ~1e-5 / norm) wherever the decoder stays inside [-1, 1], and differ in direction where a channel
   overshoots: e.g. decoded (1.5, 0.2, 0.1) gives (0.989, 0.132, 0.066) here but (0.976, 0.195, 0.098) in diffusers.
 - `MarigoldImageProcessor.visualize_normals(n)` with its default flags colours RGB = (n + 1) / 2 (truncated to
-  uint8), the same colours as our previews (RECIPE §5.6: [0, 0, 1] -> (127, 127, 255); a left-facing surface in our
-  frame, n = (1, 0, 0), -> (255, 127, 127)). Its docstring, however, names the default frame "x right, y up, z
-  towards the observer": read with that label, our colours are mirrored left-right (RECIPE §9.20). To express our
-  normals in that documented frame, negate channel 0 (`flip_x=True`); leave flip_y/flip_z off (our y is up and z
+  uint8), the same colours as our previews (docs/method.md §5.6: [0, 0, 1] -> (127, 127, 255); a left-facing surface in
+  our frame, n = (1, 0, 0), -> (255, 127, 127)). Its docstring, however, names the default frame "x right, y up, z
+  towards the observer": read with that label, our colours are mirrored left-right (docs/method.md §9.20). To express
+  our normals in that documented frame, negate channel 0 (`flip_x=True`); leave flip_y/flip_z off (our y is up and z
   faces the viewer, as documented there). The flags only change colours, never `prediction`. Caveat: in diffusers
   0.42 any flip multiplies the caller's tensor/array in place (a view is flipped), so pass a copy.
 """
@@ -42,7 +42,7 @@ from lightning_modules.tiny import TinySpec, build_tiny_components
 if TYPE_CHECKING:
     from lightning_modules.module import GeometryEstimator
 
-# Per task: the stock pipeline class and the model_index.json keys that describe the prediction (RECIPE §7.2).
+# Per task: the stock pipeline class and the model_index.json keys that describe the prediction (docs/method.md §7.2).
 PIPELINES: dict[str, tuple[type[DiffusionPipeline], dict[str, Any]]] = {
     "depth": (MarigoldDepthPipeline, {"prediction_type": "depth", "scale_invariant": True, "shift_invariant": True}),
     "normals": (MarigoldNormalsPipeline, {"prediction_type": "normals", "use_full_z_range": True}),
@@ -57,10 +57,10 @@ def pipeline_class(task_name: str) -> type[DiffusionPipeline]:
 
 
 def export_scheduler(noise_scheduler: SchedulerMixin, set_alpha_to_one: bool = True) -> DDIMScheduler:
-    """The DDIM inference scheduler of RECIPE §7.2, sharing the training betas and prediction type.
+    """The DDIM inference scheduler of docs/method.md §7.2, sharing the training betas and prediction type.
 
     `set_alpha_to_one=True` (our default; published Marigold folders use False) makes the pipeline's final
-    `prev_sample` equal the predicted x0, which is what `GeometryEstimator.predict_image` returns (RECIPE §5.2).
+    `prev_sample` equal the predicted x0, which is what `GeometryEstimator.predict_image` returns (docs/method.md §5.2).
     """
     config = noise_scheduler.config
     return DDIMScheduler(

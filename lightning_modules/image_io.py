@@ -1,4 +1,4 @@
-"""Reading images of any common mode and writing predictions in the output conventions of RECIPE §5.6."""
+"""Reading images of any common mode and writing predictions in the output conventions of docs/method.md §5.6."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def write_depth(stem: str | Path, depth: Tensor | np.ndarray) -> list[Path]:
     paths = [Path(f"{base}_depth.npy"), Path(f"{base}_depth_16bit.png"), Path(f"{base}_depth_colored.png")]
     np.save(paths[0], array.astype(np.float32))
     clipped = np.clip(array, 0.0, 1.0)
-    # Pillow 13 infers mode I;16 from uint16 and raises when mode="I;16" is passed explicitly (RECIPE §9.18).
+    # Pillow 13 infers mode I;16 from uint16 and raises when mode="I;16" is passed explicitly (docs/method.md §9.18).
     Image.fromarray(np.round(clipped * 65535).astype(np.uint16)).save(paths[1])
     colored = colorize(torch.from_numpy(clipped), 0.0, 1.0, "Spectral").permute(1, 2, 0).numpy()
     Image.fromarray(np.round(colored * 255).astype(np.uint8)).save(paths[2])

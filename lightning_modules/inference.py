@@ -1,4 +1,4 @@
-"""DDIM sampling in latent space with a chosen timestep spacing; the last step returns x0 (RECIPE §5)."""
+"""DDIM sampling in latent space with a chosen timestep spacing; the last step returns x0 (docs/method.md §5)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class InferenceSpec:
 
 
 def inference_scheduler(noise_scheduler: SchedulerMixin, spacing: Spacing = "trailing") -> DDIMScheduler:
-    """A DDIM scheduler sharing the training betas, with explicit spacing and no clipping (RECIPE §9.2, §9.9)."""
+    """A DDIM scheduler sharing the training betas, with explicit spacing and no clipping, docs/method.md §9.2, §9.9."""
     return DDIMScheduler.from_config(
         noise_scheduler.config,
         timestep_spacing=spacing,
@@ -59,7 +59,7 @@ def sample_latent(
 ) -> Tensor:
     """Run `num_steps` DDIM steps from `z_init`; `denoiser(z_t, t)` returns the raw model output.
 
-    The final step returns the predicted x0 rather than DDIM's re-noised `prev_sample` (RECIPE §5.2).
+    The final step returns the predicted x0 rather than DDIM's re-noised `prev_sample` (docs/method.md §5.2).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")

@@ -1,4 +1,4 @@
-"""E2E fine-tuning task losses, always computed in float32 (RECIPE §2.2.1, §2.2.2)."""
+"""E2E fine-tuning task losses, always computed in float32 (docs/method.md §2.2.1, §2.2.2)."""
 
 from __future__ import annotations
 

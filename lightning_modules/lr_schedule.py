@@ -1,4 +1,4 @@
-"""Linear warm-up then exponential decay LR multiplier for `LambdaLR`, stepped per optimiser update (RECIPE §3)."""
+"""LR multiplier for `LambdaLR`: linear warm-up, exponential decay, stepped per optimiser update (docs/method.md §3)."""
 
 from __future__ import annotations
 

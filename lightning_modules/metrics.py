@@ -1,4 +1,4 @@
-"""Evaluation metrics as torchmetrics `Metric`s with sum-reduced states (RECIPE §6.1 depth, §6.2 normals)."""
+"""Evaluation metrics as torchmetrics `Metric`s with sum-reduced states (docs/method.md §6.1 depth, §6.2 normals)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-resolution ("pyramid") training noise with optional timestep annealing (RECIPE §2.1.2)."""
+"""Multi-resolution ("pyramid") training noise with optional timestep annealing (docs/method.md §2.1.2)."""
 
 from __future__ import annotations
 

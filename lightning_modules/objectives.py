@@ -1,4 +1,4 @@
-"""Training objectives: Marigold diffusion denoising and end-to-end fine-tuning at a fixed timestep (RECIPE §2)."""
+"""Training objectives: Marigold diffusion denoising, end-to-end fine-tuning at a fixed timestep (docs/method.md §2)."""
 
 from __future__ import annotations
 

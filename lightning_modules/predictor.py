@@ -1,4 +1,7 @@
-"""One inference path for any image size: resize, pad, predict members, unpad, ensemble, resize back (RECIPE §5.3-5.6)."""
+"""One inference path for any image size: resize, pad, predict members, unpad, ensemble, resize back.
+
+Sizes, initial latent, ensembling and output conventions follow docs/method.md §5.3-5.6.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What is predicted: conversions between decoded VAE images and predictions, task losses, metrics, previews.
 
-Depth (RECIPE §1.6, §2.2.1): channel mean of the decoded image clamped to [-1, 1] (near = -1), affine-invariant
+Depth (docs/method.md §1.6, §2.2.1): channel mean of the decoded image clamped to [-1, 1] (near = -1), affine-invariant
 L1 against the clamped metric depth, Marigold-protocol metrics after least-squares alignment.
 Normals (§1.6, §2.2.2): decoded image L2-normalised per pixel (x left, y up, z towards the viewer), guarded
 angular loss, DSINE-protocol metrics pooled over all valid pixels.
@@ -99,6 +99,6 @@ def build_task(name: str) -> Task:
 
 
 def valid_latent_mask(mask: Tensor, factor: int, channels: int) -> Tensor:
-    """A latent cell is valid only if every pixel under it is valid (RECIPE §2.1 step 2)."""
+    """A latent cell is valid only if every pixel under it is valid (docs/method.md §2.1 step 2)."""
     invalid = torch.nn.functional.max_pool2d((~mask).float(), kernel_size=factor, stride=factor)
     return (invalid < 0.5).expand(-1, channels, -1, -1)

@@ -1,7 +1,7 @@
 """Tiny, randomly initialised Marigold-style components built from config (no download).
 
-Used by the demo and the tests. Architectures follow RECIPE §7.4, except the VAE downsamples 8x like the
-real SD VAE (a 2x VAE makes the UNet's attention cost explode at 128 px, see STACK.md).
+Used by the demo and the tests. Architectures follow docs/method.md §7.4, except the VAE downsamples 8x like the
+real SD VAE (a 2x VAE makes the UNet's attention cost explode at 128 px, see docs/dependencies.md).
 """
 
 from __future__ import annotations

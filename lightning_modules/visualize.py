@@ -40,7 +40,7 @@ def stack_rows(rows: list[Tensor]) -> Tensor:
 
 
 def normals_to_rgb(normals: Tensor) -> Tensor:
-    """Colour normals as (n + 1) / 2 (RECIPE §5.6: [0, 0, 1] -> light blue)."""
+    """Colour normals as (n + 1) / 2 (docs/method.md §5.6: [0, 0, 1] -> light blue)."""
     return ((normals.float() + 1) / 2).clamp(0, 1)
 
 

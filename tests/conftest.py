@@ -35,7 +35,7 @@ def shard_cache(tmp_path_factory) -> Path:
 
 
 def run_experiments_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> str:
-    """`python -m experiments ARGS` in a subprocess (DDP runs there, STACK.md); its output, or fail with it.
+    """`python -m experiments ARGS` in a subprocess (DDP runs there, docs/dependencies.md); its output, or fail with it.
 
     The process gets its own session so that a hung DDP run, which ignores SIGTERM, is killed with its workers.
     """

@@ -1,4 +1,4 @@
-"""Per-sample targets (RECIPE §4.3) and the horizontal flip (§4.4)."""
+"""Per-sample targets (docs/method.md §4.3) and the horizontal flip (§4.4)."""
 
 from __future__ import annotations
 

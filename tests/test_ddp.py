@@ -1,4 +1,4 @@
-"""DDP on two CPU processes (gloo), run as a CLI subprocess with a hard kill (STACK.md: pytest + ddp orphans)."""
+"""DDP on two CPU processes (gloo), as a CLI subprocess killed hard on timeout (docs/dependencies.md: pytest + DDP)."""
 
 from __future__ import annotations
 

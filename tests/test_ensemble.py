@@ -1,4 +1,4 @@
-"""Depth and normal ensembling (RECIPE §5.5)."""
+"""Depth and normal ensembling (docs/method.md §5.5)."""
 
 from __future__ import annotations
 

@@ -192,7 +192,7 @@ def test_bad_specs_are_clear_errors():
         GeometryEstimator(tiny=TinySpec(seed=0), evaluation=EvalSpec(dataset="ibims", task="normals"))
 
 
-# dataset -> (task, processing resolution, align_max_res, min, max, mask_gt_range, shards): RECIPE §6.1 / §6.2
+# dataset -> (task, processing resolution, align_max_res, min, max, mask_gt_range, shards): docs/method.md §6.1 / §6.2
 PROTOCOLS = {
     "nyuv2": ("depth", 0, None, 1e-3, 10.0, True, "nyuv2/test-*.tar"),
     "kitti": ("depth", 0, None, 1e-5, 80.0, True, "kitti/test-*.tar"),

@@ -1,4 +1,4 @@
-"""Every paper experiment config composes to RECIPE §3's hyperparameters and instantiates (tiny model and data)."""
+"""Each paper experiment config composes to docs/method.md §3's hyperparameters and instantiates (tiny model, data)."""
 
 from __future__ import annotations
 

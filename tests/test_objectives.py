@@ -42,7 +42,7 @@ def test_x0_at_999_matches_diffusers_step(model):
     assert scheduler.timesteps.tolist() == [999]
     theirs = scheduler.step(output, 999, z_t).pred_original_sample
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
-    # v-prediction at t = 999 with a zero latent is a fixed scaling (RECIPE §1.5).
+    # v-prediction at t = 999 with a zero latent is a fixed scaling (docs/method.md §1.5).
     torch.testing.assert_close(ours, -0.997667 * output, rtol=1e-5, atol=1e-6)
 
 

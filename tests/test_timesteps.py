@@ -1,4 +1,4 @@
-"""DDIM timestep tables (RECIPE §5.1) and the x0-at-the-last-step rule of `sample_latent` (RECIPE §5.2)."""
+"""DDIM timestep tables (docs/method.md §5.1) and the x0-at-the-last-step rule of `sample_latent` (§5.2)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ T, OFFSET = 1000, 1
 
 
 def expected(spacing: str, n: int) -> list[int]:
-    """The formulas of the RECIPE table, written independently of diffusers."""
+    """The formulas of the docs/method.md §5.1 table, written independently of diffusers."""
     if spacing == "leading":
         return [(T // n) * k + OFFSET for k in reversed(range(n))]
     if spacing == "trailing":
@@ -86,7 +86,7 @@ def test_single_trailing_step_runs_once_at_999_and_returns_x0() -> None:
     out = sample_latent(denoiser, scheduler, z, num_steps=1)
     assert denoiser.calls == [[999, 999]]
     alpha_bar = scheduler.alphas_cumprod[999]
-    assert torch.isclose(alpha_bar, torch.tensor(0.0046601), atol=1e-6)  # SD2, not zero-SNR (RECIPE §9.5)
+    assert torch.isclose(alpha_bar, torch.tensor(0.0046601), atol=1e-6)  # SD2, not zero-SNR (docs/method.md §9.5)
     v = denoiser(z, torch.full((2,), 999))
     x0 = alpha_bar.sqrt() * z - (1 - alpha_bar).sqrt() * v
     torch.testing.assert_close(out, x0)

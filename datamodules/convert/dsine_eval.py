@@ -1,4 +1,4 @@
-"""The surface-normal evaluation sets of DSINE's `dsine_eval` archive -> evaluation shards, RECIPE §6.2.
+"""The surface-normal evaluation sets of DSINE's `dsine_eval` archive -> evaluation shards, docs/method.md §6.2.
 
 `--src` is one dataset folder of the unpacked archive (`dsine_eval/<dataset>`); `--split-list` is DSINE's
 `data/datasets/<dataset>/split/*.txt` (one `<scene>/<name>_img.png` per line, relative to `--src`); without it

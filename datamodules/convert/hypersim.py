@@ -1,4 +1,4 @@
-"""Hypersim (Apple ml-hypersim, raw release layout) -> training shards, RECIPE §4.1.
+"""Hypersim (Apple ml-hypersim, raw release layout) -> training shards, docs/method.md §4.1.
 
 Expected layout under `--src` (the downloaded scenes, unpacked as released):
 
@@ -56,7 +56,7 @@ def read_hdf5(path: Path) -> np.ndarray:
 
 
 def tone_map(rgb: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, float]:
-    """Hypersim's tone mapping of linear HDR colour to uint8 (RECIPE §4.1); returns (image, scale)."""
+    """Hypersim's tone mapping of linear HDR colour to uint8 (docs/method.md §4.1); returns (image, scale)."""
     rgb = np.nan_to_num(rgb.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     if valid.any():
         brightness = 0.3 * rgb[..., 0] + 0.59 * rgb[..., 1] + 0.11 * rgb[..., 2]

@@ -1,4 +1,4 @@
-"""The depth evaluation sets of Marigold's evaluation archives -> evaluation shards, RECIPE §6.1.
+"""The depth evaluation sets of Marigold's evaluation archives -> evaluation shards, docs/method.md §6.1.
 
 `--src` is the unpacked archive folder; paths in `--split-list` (Marigold's `data_split/<dataset>/*.txt`, one
 sample per line, columns separated by spaces) are relative to it. Without a list every sample found is used.
@@ -40,7 +40,7 @@ ETH3D_OUTDOOR = {"courtyard", "electro", "facade", "meadow", "playground", "terr
 
 @dataclass(frozen=True)
 class Protocol:
-    """Per-dataset constants of the Marigold depth protocol (RECIPE §6.1)."""
+    """Per-dataset constants of the Marigold depth protocol (docs/method.md §6.1)."""
 
     source: str
     split: str

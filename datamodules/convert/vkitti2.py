@@ -1,4 +1,4 @@
-"""Virtual KITTI 2 -> training shards (KITTI benchmark crop, depth in cm), RECIPE §4.2.
+"""Virtual KITTI 2 -> training shards (KITTI benchmark crop, depth in cm), docs/method.md §4.2.
 
 Expected layout under `--src` (the release archives unpacked side by side):
 
