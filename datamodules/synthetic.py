@@ -52,8 +52,12 @@ class SyntheticSpec:
             return Path(self.cache_dir).expanduser()
         fields = {k: v for k, v in asdict(self).items() if k != "cache_dir"}
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
-        root = Path(os.environ.get("DGFT_CACHE", Path.home() / ".cache" / "diffusion-geometry-ft"))
-        return root.expanduser() / "synthetic" / digest
+        return cache_root() / "synthetic" / digest
+
+
+def cache_root() -> Path:
+    """The framework's cache: `$DGFT_CACHE`, else `~/.cache/diffusion-geometry-ft` (synthetic data, the stand-in)."""
+    return Path(os.environ.get("DGFT_CACHE", Path.home() / ".cache" / "diffusion-geometry-ft")).expanduser()
 
 
 def scene_seed(base: int, split: str, index: int) -> int:

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from experiments.__main__ import main as cli_main
 from lightning_modules.inference import InferenceSpec
-from lightning_modules.module import PAD_KEY, GeometryEstimator
+from lightning_modules.module import GeometryEstimator
+from lightning_modules.padding import drop_padding
 from lightning_modules.predictor import predict
 
 COLUMNS = ("spacing", "steps", "ensemble", "unet_calls", "ms_per_image", "abs_rel", "delta1")
@@ -68,10 +69,12 @@ def validation_images(configs: list[str], overrides: list[str], count: int) -> d
     parts: dict[str, list[torch.Tensor]] = {"rgb": [], "depth": [], "mask": []}
     taken = 0
     for batch in datamodule.val_dataloader():
-        keep = torch.tensor([key != PAD_KEY for key in batch["key"]])
+        batch = drop_padding(batch)
+        if batch is None:
+            continue
         for name in parts:
-            parts[name].append(batch[name][keep])
-        taken += int(keep.sum())
+            parts[name].append(batch[name])
+        taken += len(batch["key"])
         if taken >= count:
             break
     data = {name: torch.cat(chunks)[:count] for name, chunks in parts.items()}

@@ -25,15 +25,13 @@ import numpy as np
 import torch
 import yaml
 
+from datamodules.synthetic import cache_root
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "standin"
 STAGE_CONFIGS = {"autoencoder": CONFIG_DIR / "autoencoder.yaml", "prior": CONFIG_DIR / "prior.yaml"}
 SHARED_CONFIGS = (CONFIG_DIR / "data.yaml", CONFIG_DIR.parent / "trainer" / "cpu.yaml")
 STANDIN_SCHEME = "standin:"
 REPORT = "report.json"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DGFT_CACHE", Path.home() / ".cache" / "diffusion-geometry-ft")).expanduser()
 
 
 def standin_key(overrides: list[str]) -> str:

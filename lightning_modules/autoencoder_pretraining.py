@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import Tensor
 
+from lightning_modules.padding import drop_padding
 from lightning_modules.tiny import default_vae
 from lightning_modules.visualize import normals_to_rgb, stack_rows
 
@@ -129,10 +130,9 @@ class AutoencoderPretraining(L.LightningModule):
         return self.vae.decode(self.vae.encode(image).latent_dist.mode()).sample
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        keep = batch["mask"].flatten(1).any(1)  # validation padding has an empty mask
-        if not keep.any():
+        batch = drop_padding(batch)
+        if batch is None:
             return
-        batch = {k: v[keep] for k, v in batch.items() if isinstance(v, Tensor)}
         rows = []
         for kind in KINDS:
             image = kind_image(batch, kind)
@@ -159,9 +159,9 @@ class AutoencoderPretraining(L.LightningModule):
         for i, batch in enumerate(loader):
             if i >= self.hparams.scale_batches:
                 break
-            keep = batch["mask"].flatten(1).any(1)
-            if keep.any():
-                latents.append(self.vae.encode(batch["rgb"][keep].to(self.device)).latent_dist.mode().float())
+            batch = drop_padding(batch)
+            if batch is not None:
+                latents.append(self.vae.encode(batch["rgb"].to(self.device)).latent_dist.mode().float())
         if not latents:
             raise RuntimeError("no validation images to measure the latent scale on")
         std = torch.cat(latents).std().item()

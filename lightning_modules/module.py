@@ -22,13 +22,13 @@ from lightning_modules.lr_schedule import warmup_exponential_lambda
 from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 from lightning_modules.objectives import E2EObjective, Objective
+from lightning_modules.padding import drop_padding
 from lightning_modules.predictor import predict
 from lightning_modules.tasks import TaskName, build_task
 from lightning_modules.tiny import TinySpec, build_tiny_components
 from lightning_modules.visualize import stack_rows
 
 FROZEN_PREFIXES = ("vae.",)
-PAD_KEY = "__pad__"  # batch contract: validation padding (empty mask) that evaluation must not count
 
 
 class GeometryEstimator(L.LightningModule):
@@ -214,15 +214,12 @@ class GeometryEstimator(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, Any], metrics: Metric, images: Metric) -> tuple[dict[str, Any], Tensor] | None:
         """Metrics for the real samples of a batch (padding dropped); returns them and their prediction."""
-        keep = [i for i, key in enumerate(batch["key"]) if key != PAD_KEY]
-        if not keep:
+        batch = drop_padding(batch)
+        if batch is None:
             return None
-        if len(keep) < len(batch["key"]):
-            index = torch.tensor(keep, device=batch["rgb"].device)
-            batch = {k: (v[index] if isinstance(v, Tensor) else [v[i] for i in keep]) for k, v in batch.items()}
         prediction = self.evaluation_prediction(batch["rgb"])
         self.task.update_metrics(metrics, prediction, {**batch, "mask": crop_mask(batch["mask"], self.evaluation.crop)})
-        images.update(torch.tensor(float(len(keep)), device=prediction.device))
+        images.update(torch.tensor(float(len(batch["key"])), device=prediction.device))
         return batch, prediction
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

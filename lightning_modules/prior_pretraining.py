@@ -19,6 +19,7 @@ from torch import Tensor
 from lightning_modules.components import empty_prompt_embedding, sd2_noise_scheduler
 from lightning_modules.inference import inference_scheduler, sample_latent
 from lightning_modules.objectives import masked_mse
+from lightning_modules.padding import drop_padding
 from lightning_modules.standin_folder import byte_level_tokenizer, default_text_encoder, tiny_text_encoder
 from lightning_modules.tiny import default_unet
 from lightning_modules.visualize import stack_rows
@@ -96,10 +97,10 @@ class ImagePriorPretraining(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        keep = batch["mask"].flatten(1).any(1)  # validation padding has an empty mask
-        if not keep.any():
+        batch = drop_padding(batch)
+        if batch is None:
             return
-        z_0 = self.encode(batch["rgb"][keep])
+        z_0 = self.encode(batch["rgb"])
         generator = torch.Generator(device="cpu").manual_seed(batch_idx)
         noise = torch.randn(z_0.shape, generator=generator).to(z_0)
         for t in (99, 499, 899):  # fixed noise and timesteps: comparable across validations
