@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
