@@ -9,7 +9,7 @@ import pytest
 from experiments.__main__ import main as cli_main
 from experiments.benchmark_inference import main as benchmark
 from experiments.benchmark_inference import validation_images
-from tests.conftest import ROOT, tiny_run_args
+from tests.helpers import ROOT, tiny_run_args
 
 
 def test_benchmark_counts_unet_calls_and_writes_the_table(tmp_path, shard_cache):

@@ -7,7 +7,7 @@ import torch
 
 from experiments.__main__ import main
 from experiments.config_defaults import expand_config_defaults
-from tests.conftest import ROOT, tiny_run_args
+from tests.helpers import ROOT, tiny_run_args
 
 
 @pytest.mark.parametrize("model", ["e2e_depth_tiny", "diffusion_depth_tiny"])

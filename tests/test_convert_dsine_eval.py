@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import OpenEXR
 import pytest
-from convert_utils import corrupt, read_samples, save_png
+from tests.helpers import corrupt, read_samples, save_png
 
 from datamodules.convert import DATASETS, run_conversion
 from datamodules.shard_format import decode_sample, encode_sample

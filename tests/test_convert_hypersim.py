@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from convert_utils import corrupt, read_samples, save_png
+from tests.helpers import corrupt, read_samples, save_png
 
 from datamodules.convert import DATASETS, run_conversion
 from datamodules.convert.__main__ import main

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from convert_utils import corrupt, read_samples, save_jpg, save_png
+from tests.helpers import corrupt, read_samples, save_jpg, save_png
 
 from datamodules.convert import DATASETS, run_conversion
 

@@ -17,7 +17,7 @@ from datamodules.shard_format import encode_sample
 from datamodules.shard_writer import ShardWriter
 from datamodules.streams import TrainStream
 from experiments.__main__ import main
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SIZES = {"hypersim": (8, 8), "vkitti2": (8, 16)}  # different resolutions, as in the real mixture
 

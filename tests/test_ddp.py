@@ -8,7 +8,7 @@ import math
 import pytest
 
 from experiments.compare import final_metrics, find_runs
-from tests.conftest import run_experiments_cli, tiny_run_args
+from tests.helpers import run_experiments_cli, tiny_run_args
 
 
 @pytest.mark.slow

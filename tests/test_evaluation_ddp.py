@@ -7,8 +7,7 @@ import csv
 import pytest
 
 from datamodules.shard_writer import ShardWriter
-from tests.conftest import ROOT, run_experiments_cli
-from tests.test_evaluation import depth_sample
+from tests.helpers import ROOT, depth_sample, run_experiments_cli
 
 
 @pytest.mark.slow

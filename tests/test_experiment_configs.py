@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from experiments.__main__ import main
 from experiments.batch_size import derive_accumulation
 from experiments.config_defaults import expand_config_defaults
-from tests.conftest import ROOT
+from tests.helpers import ROOT, tiny_overrides
 
 SD2, MARIGOLD = "stabilityai/stable-diffusion-2", "prs-eth/marigold-depth-v1-0"
 MARIGOLD_NORMALS = "GonzaloMG/marigold-normals"
@@ -29,16 +27,6 @@ CONFIGS = ROOT / "configs/experiments"
 
 def test_every_experiment_config_is_in_the_table():
     assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
-
-
-def tiny_overrides(tmp: Path) -> list[str]:
-    """Swap the real checkpoint and shards for the tiny model and data, and the GPU for the CPU."""
-    return [
-        "--config", str(ROOT / "tests/configs/tiny_data.yaml"),
-        "--model.init_args.pretrained=null", "--model.init_args.tiny.seed=0",
-        f"--data.init_args.synthetic.cache_dir={tmp / 'cache'}", f"--data.init_args.shard_root={tmp}",
-        "--trainer.accelerator=cpu", f"--trainer.logger.init_args.save_dir={tmp / 'runs'}",
-    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -6,25 +6,9 @@ import torch
 from lightning_modules.inference import inference_scheduler
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.objectives import DiffusionObjective, E2EObjective, masked_mse
-from lightning_modules.tasks import valid_latent_mask
+from lightning_modules.objectives import valid_latent_mask
 from lightning_modules.tiny import TinySpec
-
-
-def fake_batch(b: int = 2, h: int = 32, w: int = 48) -> dict:
-    torch.manual_seed(1)
-    depth = torch.rand(b, 1, h, w) * 5 + 1
-    mask = torch.ones(b, 1, h, w, dtype=torch.bool)
-    mask[:, :, :8, :8] = False
-    return {
-        "rgb": torch.rand(b, 3, h, w) * 2 - 1,
-        "depth": depth.where(mask, torch.zeros_like(depth)),
-        "depth_target": depth,
-        "depth_norm": (depth - 3.5) / 2.5,
-        "normals": torch.zeros(b, 3, h, w),
-        "mask": mask,
-        "key": [f"k{i}" for i in range(b)],
-        "source": ["synthetic"] * b,
-    }
+from tests.helpers import fake_batch
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from experiments.__main__ import main
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 class Interrupt(Callback):

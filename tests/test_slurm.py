@@ -16,8 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from experiments.__main__ import main
 from experiments.batch_size import EffectiveBatchSize
 from experiments.run_dir import newest_checkpoint, pin_run_folder, resolve_ckpt_path
-from tests.conftest import ROOT
-from tests.test_experiment_configs import tiny_overrides
+from tests.helpers import ROOT, tiny_overrides
 
 EXPERIMENT = ROOT / "configs/experiments/e2e_ft_depth_marigold.yaml"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from experiments import standin
 from experiments.__main__ import main
 from lightning_modules.components import load_pretrained_components

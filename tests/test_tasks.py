@@ -6,7 +6,7 @@ from lightning_modules.module import GeometryEstimator
 from lightning_modules.objectives import DiffusionObjective, E2EObjective
 from lightning_modules.tasks import DepthTask, NormalsTask
 from lightning_modules.tiny import TinySpec
-from tests.test_objectives import fake_batch
+from tests.helpers import fake_batch
 
 
 def normals_batch() -> dict:
