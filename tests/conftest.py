@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT  # noqa: F401  transitional: tests/test_evaluation.py still imports ROOT from here
+
 
 @pytest.fixture(scope="session")
 def shard_cache(tmp_path_factory) -> Path:
