@@ -5,6 +5,7 @@ Fixtures live in conftest.py (they may call these); tests import from here, neve
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
 from datamodules.shard_format import decode_sample, encode_sample
@@ -72,6 +74,45 @@ def run_python_module(
 def run_experiments_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> str:
     """`python -m experiments ARGS` in a subprocess (DDP runs there, docs/dependencies.md); its output, or fail."""
     return run_python_module("experiments", args, cwd, env, timeout)
+
+
+class RecordSteps(Callback):
+    """Records, for this process, the training samples each optimiser step consumed (all its accumulated
+    micro-batches) and the optimiser step after which each validation ran.
+
+    Add it with `--trainer.callbacks+=tests.helpers.RecordSteps`; with `path`, every optimiser step also appends a
+    JSON line {"rank", "step", "samples"} there (for subprocess and DDP runs).
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self.samples: list[int] = []
+        self.validated_at: list[int] = []
+        self.pending = 0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        self.pending += len(batch["rgb"])
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        self.samples.append(self.pending)
+        if self.path is not None:
+            record = {"rank": trainer.global_rank, "step": trainer.global_step, "samples": self.pending}
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        self.pending = 0
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validated_at.append(trainer.global_step)
+
+
+def scalar_steps(run: Path, tag: str) -> list[int]:
+    """The steps at which TensorBoard scalar `tag` was logged in the run folder `run`, in order."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={SCALARS: 0})
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
 
 
 # ------------------------------------------------------------------------------------ batches, samples
@@ -137,3 +178,13 @@ def corrupt(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not a valid file" * 3)
     return path
+
+
+# ------------------------------------------------------------------------------------------ export
+def export_model(model: Any, out_dir: Path, **options: Any) -> Path:
+    """`export_to_diffusers` for a GeometryEstimator: its core and task, text encoder from its own source."""
+    from lightning_modules.export import export_to_diffusers
+
+    options.setdefault("tokenizer_source", model.hparams.get("pretrained"))
+    options.setdefault("tiny", model.hparams.get("tiny"))
+    return export_to_diffusers(model.core, model.task, out_dir, **options)

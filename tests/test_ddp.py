@@ -13,14 +13,21 @@ from tests.helpers import run_experiments_cli, tiny_run_args
 
 @pytest.mark.slow
 def test_ddp_two_processes_read_different_shards(tmp_path):
-    log = tmp_path / "shards.jsonl"
+    log, steps = tmp_path / "shards.jsonl", tmp_path / "steps.jsonl"
+    record_steps = json.dumps({"class_path": "tests.helpers.RecordSteps", "init_args": {"path": str(steps)}})
     output = run_experiments_cli([
         "fit", *tiny_run_args(tmp_path),
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=3",
         "--trainer.val_check_interval=3", "--batch.effective_batch_size=8",
-        "--data.init_args.num_workers=1",
+        "--data.init_args.num_workers=1", f"--trainer.callbacks+={record_steps}",
     ], tmp_path, env={"DGFT_SHARD_LOG": str(log)})  # fmt: skip
     assert "micro-batch 2 x 2 devices x 1 nodes x accumulation 2" in output
+    # What the run did: each rank stepped the optimiser 3 times on 2 micro-batches of 2 (4 samples), so every
+    # optimiser step saw 4 + 4 = 8 samples, the effective batch.
+    per_step = [json.loads(line) for line in steps.read_text().splitlines()]
+    assert sorted((r["rank"], r["step"], r["samples"]) for r in per_step) == [
+        (rank, step, 4) for rank in (0, 1) for step in (0, 1, 2)
+    ]
     # Validation ran under DDP and counted every validation room exactly once (tiny data: 4 rooms).
     (run,) = find_runs([tmp_path / "runs"])
     _, values = final_metrics(run)

@@ -24,6 +24,14 @@ EXPECTED = {
 }
 CONFIGS = ROOT / "configs/experiments"
 
+# README's GPU table: GPUs -> (devices per node, nodes, micro-batch per device, accumulation), 32 samples per step
+LAYOUTS = {1: (1, 1, 2, 16), 2: (2, 1, 2, 8), 4: (4, 1, 2, 4), 8: (8, 1, 2, 2), 16: (8, 2, 2, 1), 32: (8, 4, 1, 1)}
+# max_steps -> GPUs -> micro-batches each device runs (steps x accumulation, worked out by hand)
+MICRO_BATCHES_PER_DEVICE = {
+    20_000: {1: 320_000, 2: 160_000, 4: 80_000, 8: 40_000, 16: 20_000, 32: 20_000},
+    30_000: {1: 480_000, 2: 240_000, 4: 120_000, 8: 60_000, 16: 30_000, 32: 30_000},
+}
+
 
 def test_every_experiment_config_is_in_the_table():
     assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
@@ -57,10 +65,13 @@ def test_experiment_config_matches_the_recipe(tmp_path, monkeypatch, name):
     assert (trainer.max_steps, trainer.gradient_clip_val, trainer.precision) == (steps, clip, "bf16-mixed")
     assert config.seed_everything == 2024 and trainer.accumulate_grad_batches == 1
     assert config.batch.effective_batch_size == 32 and config.data.init_args.batch_size == 2
-    assert derive_accumulation(32, 2, devices=1) == 16 and derive_accumulation(32, 2, devices=8) == 2
-    for devices in (1, 2, 4, 8, 16, 32):  # the last step is validated on every one of these GPU counts
-        micro = 2 if devices <= 16 else 1
-        assert steps * derive_accumulation(32, micro, devices) % trainer.val_check_interval == 0, devices
+    assert trainer.val_check_interval == 5000  # micro-batches per device
+    for gpus, (devices, nodes, micro, accumulation) in LAYOUTS.items():
+        assert derive_accumulation(32, micro, devices, nodes) == accumulation, gpus
+        # The run's micro-batches per device (hand-computed) are a multiple of the validation interval, so the
+        # last optimiser step is validated on every GPU count (experiments.compare reads that validation).
+        assert steps * accumulation == MICRO_BATCHES_PER_DEVICE[steps][gpus]
+        assert MICRO_BATCHES_PER_DEVICE[steps][gpus] % trainer.val_check_interval == 0, gpus
     sources = {s.name: s.probability for s in config.data.init_args.train_sources}
     assert sources == {"hypersim": 0.9, "vkitti2": 0.1}
     assert trainer.logger.init_args.name == f"paper_{task}/{name.replace(f'_{task}', '')}"

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from jsonargparse import Namespace
@@ -36,11 +37,16 @@ def slurm_env(monkeypatch, nodes: int, per_node: int, rank: int, job_id: str = "
 
 
 def accumulation(cli) -> int:
-    """What the effective-batch callback derives when `fit` starts on this trainer and datamodule."""
+    """What the effective-batch callback sets when `fit` starts with this trainer's world size and datamodule.
+
+    Its `setup` hook gets a view of the trainer's public attributes with the CLI's datamodule attached: a real
+    `fit` would start 32 DDP processes, and attaching a datamodule without `fit` is private Lightning API.
+    """
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, EffectiveBatchSize))
-    cli.trainer._data_connector.attach_datamodule(cli.model, cli.datamodule)
-    callback.setup(cli.trainer, cli.model, "fit")
-    return cli.trainer.accumulate_grad_batches
+    trainer = SimpleNamespace(datamodule=cli.datamodule, accumulate_grad_batches=cli.trainer.accumulate_grad_batches,
+                              num_devices=cli.trainer.num_devices, num_nodes=cli.trainer.num_nodes)  # fmt: skip
+    callback.setup(trainer, cli.model, "fit")
+    return trainer.accumulate_grad_batches
 
 
 def test_four_nodes_of_eight_gpus_under_slurm(tmp_path, monkeypatch):
@@ -49,7 +55,7 @@ def test_four_nodes_of_eight_gpus_under_slurm(tmp_path, monkeypatch):
     args += tiny_overrides(tmp_path)
     cli = main([*args, "--data.init_args.batch_size=1"], run=False)
     trainer = cli.trainer
-    environment = trainer._accelerator_connector.cluster_environment
+    environment = trainer.strategy.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue
     assert environment.requeue_signal == signal.SIGUSR1
     assert isinstance(trainer.strategy, DDPStrategy) and str(trainer.precision) == "bf16-mixed"
