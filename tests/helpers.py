@@ -106,13 +106,15 @@ class RecordSteps(Callback):
             self.validated_at.append(trainer.global_step)
 
 
-def scalar_steps(run: Path, tag: str) -> list[int]:
-    """The steps at which TensorBoard scalar `tag` was logged in the run folder `run`, in order."""
+def logged_scalars(run: str | Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every point of TensorBoard scalar `tag` in the run folder `run`, by step; [] if not logged."""
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
-    events = EventAccumulator(str(run), size_guidance={SCALARS: 0})
+    events = EventAccumulator(str(run), size_guidance={SCALARS: 0})  # 0 = keep every point
     events.Reload()
-    return [event.step for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+    if tag not in events.Tags()["scalars"]:
+        return []
+    return [(event.step, event.value) for event in sorted(events.Scalars(tag), key=lambda e: (e.step, e.wall_time))]
 
 
 # ------------------------------------------------------------------------------------ batches, samples

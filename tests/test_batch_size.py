@@ -5,7 +5,7 @@ import pytest
 
 from experiments.__main__ import main
 from experiments.batch_size import derive_accumulation
-from tests.helpers import RecordSteps, scalar_steps, tiny_run_args
+from tests.helpers import RecordSteps, logged_scalars, tiny_run_args
 
 # (effective, micro-batch per device, devices, nodes, accumulation), each worked out by hand
 CASES = [
@@ -55,4 +55,4 @@ def test_a_run_steps_the_optimiser_once_per_effective_batch(tmp_path, shard_cach
     # Validated after micro-batches 4, 8 and 12, i.e. after optimiser steps 1, 2 and 3 (the last one included),
     # and each validation's metric is in the TensorBoard log.
     assert record.validated_at == [1, 2, 3]
-    assert len(scalar_steps(cli.trainer.logger.log_dir, "val/abs_rel")) == 3
+    assert len(logged_scalars(cli.trainer.logger.log_dir, "val/abs_rel")) == 3
