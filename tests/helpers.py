@@ -144,7 +144,8 @@ def depth_sample(index: int, height: int = 20, width: int = 28) -> tuple[dict, n
     mask = np.ones((height, width), bool)
     mask[: 2 + index, :3] = False  # a different valid count per image
     rgb = np.repeat(level[..., None], 3, axis=-1).astype(np.uint8)
-    return encode_sample(f"d{index}", rgb, depth.astype(np.float32), mask, meta={"source": "t"}), np.where(mask, depth, 0)
+    sample = encode_sample(f"d{index}", rgb, depth.astype(np.float32), mask, meta={"source": "t"})
+    return sample, np.where(mask, depth, 0)
 
 
 # ------------------------------------------------------------------------------- converter files, shards

@@ -15,7 +15,8 @@ from tests.helpers import ROOT, tiny_run_args
 def test_benchmark_counts_unet_calls_and_writes_the_table(tmp_path, shard_cache):
     fit = cli_main(["fit", *tiny_run_args(tmp_path, "e2e_depth_tiny", shard_cache), "--trainer.fast_dev_run=true"])
     checkpoint = fit.trainer.checkpoint_callback.last_model_path
-    configs = ["--config", str(ROOT / "configs/model/e2e_depth_tiny.yaml"), "--config", str(ROOT / "tests/configs/tiny_data.yaml")]
+    configs = ["--config", str(ROOT / "configs/model/e2e_depth_tiny.yaml")]
+    configs += ["--config", str(ROOT / "tests/configs/tiny_data.yaml")]
     rows = benchmark([
         "--ckpt_path", checkpoint, *configs, f"--data.init_args.synthetic.cache_dir={shard_cache}",
         "--images", "3", "--steps", "1", "4", "--ensembles", "1", "3", "--out", str(tmp_path / "table"),

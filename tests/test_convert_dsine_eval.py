@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import OpenEXR
 import pytest
-from tests.helpers import corrupt, read_samples, save_png
 
 from datamodules.convert import DATASETS, run_conversion
 from datamodules.shard_format import decode_sample, encode_sample
 from datamodules.targets import build_targets
+from tests.helpers import corrupt, read_samples, save_png
 
 K = np.array([[518.8, 0, 325.6], [0, 519.5, 253.7], [0, 0, 1]])
 

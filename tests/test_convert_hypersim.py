@@ -8,11 +8,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from tests.helpers import corrupt, read_samples, save_png
 
 from datamodules.convert import DATASETS, run_conversion
 from datamodules.convert.__main__ import main
 from datamodules.convert.hypersim import tone_map
+from tests.helpers import corrupt, read_samples, save_png
 
 H, W = 12, 16
 FOCAL = 886.81 * W / 1024  # 60 degree horizontal field of view
@@ -80,8 +80,9 @@ def test_tone_mapping_of_known_values():
 
 def test_native_conversion_planar_depth_mask_and_normals(raw: Path, tmp_path: Path):
     out = tmp_path / "shards"
-    report = run_conversion(DATASETS["hypersim"], raw, out, shard_size=2, options={"native": True}, workers=2,
-                            progress=False)
+    report = run_conversion(
+        DATASETS["hypersim"], raw, out, shard_size=2, options={"native": True}, workers=2, progress=False
+    )
     assert report.written == 2 and [s.key for s in report.skipped] == ["ai_001_001-cam_00-0002"]
     samples = read_samples(out)
     first = samples["ai_001_001-cam_00-0000"]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.helpers import corrupt, read_samples, save_jpg, save_png
 
 from datamodules.convert import DATASETS, run_conversion
+from tests.helpers import corrupt, read_samples, save_jpg, save_png
 
 RNG = np.random.default_rng(0)
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.helpers import corrupt, read_samples, save_jpg, save_png
 
 from datamodules.convert import DATASETS, run_conversion
+from tests.helpers import corrupt, read_samples, save_jpg, save_png
 
 H, W = 375, 1242  # native size: crop top = 23, left = 13
 
@@ -65,12 +65,15 @@ def test_subsets_and_split_list(raw: Path, tmp_path: Path):
     everything = run_conversion(DATASETS["vkitti2"], raw, tmp_path / "all", options={"subset": "all"}, progress=False)
     assert everything.written == 2
     val = run_conversion(DATASETS["vkitti2"], raw, tmp_path / "val", options={"subset": "marigold_val"}, progress=False)
+    assert val.written == 2
     assert set(read_samples(tmp_path / "val")) == {"Scene01-clone-Camera_0-00000", "Scene01-morning-Camera_0-00000"}
     with pytest.raises(ValueError, match="no inputs found"):  # Scenes 02, 06, 18, 20 without fog: nothing here
         run_conversion(DATASETS["vkitti2"], raw, tmp_path / "mg", options={"subset": "marigold"}, progress=False)
     listed = tmp_path / "vkitti_val.txt"
-    listed.write_text("rgb/Scene01/clone/frames/rgb/Camera_0/rgb_00000.jpg "
-                      "depth/Scene01/clone/frames/depth/Camera_0/depth_00000.png\n")
+    listed.write_text(
+        "rgb/Scene01/clone/frames/rgb/Camera_0/rgb_00000.jpg "
+        "depth/Scene01/clone/frames/depth/Camera_0/depth_00000.png\n"
+    )
     report = run_conversion(DATASETS["vkitti2"], raw, tmp_path / "list", split_list=listed, progress=False)
     assert report.written == 1 and "normals" not in read_samples(tmp_path / "list")["Scene01-clone-Camera_0-00000"]
 

@@ -21,7 +21,9 @@ ROW = re.compile(rf"^({'|'.join(REPORTED)})\s+(\S+)\s+(\S+)$", re.MULTILINE)
 
 @pytest.mark.slow
 def test_make_demo_trains_and_improves_every_reported_metric(tmp_path):
-    output = run_python_module("experiments.demo", ["--config", str(ROOT / "configs/demo.yaml")], tmp_path, timeout=2400)
+    output = run_python_module(
+        "experiments.demo", ["--config", str(ROOT / "configs/demo.yaml")], tmp_path, timeout=2400
+    )
 
     finished = re.search(r"Demo finished in [\d.]+ min \((\d+) optimiser steps\)\.", output)
     assert finished and int(finished.group(1)) == 1500, output[-3000:]

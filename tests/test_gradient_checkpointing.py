@@ -15,7 +15,10 @@ from tests.helpers import fake_batch, tiny_run_args
 def loss_and_backward(model: GeometryEstimator, batch: dict) -> tuple[torch.Tensor, dict[str, int]]:
     """Training loss and backward in train mode; how often a UNet and a VAE-decoder block ran forward."""
     calls = {"unet resnet": 0, "decoder mid block": 0}
-    blocks = {"unet resnet": model.core.unet.down_blocks[0].resnets[0], "decoder mid block": model.core.vae.decoder.mid_block}
+    blocks = {
+        "unet resnet": model.core.unet.down_blocks[0].resnets[0],
+        "decoder mid block": model.core.vae.decoder.mid_block,
+    }
 
     def counter(name):
         def hook(module, args):  # a pre-hook: recomputation stops once it has what backward needs
