@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -20,10 +19,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lightning_modules.image_io import read_image, write_depth, write_normals, write_uncertainty
+from experiments.checkpoints import load_trained_model
+from lightning_modules.image_io import read_image
 from lightning_modules.inference import InferenceSpec
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.predictor import predict
+from lightning_modules.tasks import TASKS, task_of_folder
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.infer", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="diffusers folder or Lightning .ckpt")
     parser.add_argument("--config", action="append", default=[], help="run config(s) the .ckpt was trained with")
-    parser.add_argument("--task", choices=["depth", "normals"], default=None, help="for diffusers folders")
+    parser.add_argument("--task", choices=sorted(TASKS), default=None, help="for diffusers folders")
     parser.add_argument("--input", required=True, type=Path, help="image file or folder (searched recursively)")
     parser.add_argument("--output", required=True, type=Path, help="folder for the predictions")
     parser.add_argument(
@@ -76,50 +77,16 @@ def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
 
 
-def folder_task(index: dict[str, Any], requested: str | None) -> str:
-    """Task stored in model_index.json (normals pipelines) unless contradicted by an explicit request."""
-    stored = None
-    if index:
-        normals = index.get("_class_name") == "MarigoldNormalsPipeline" or index.get("prediction_type") == "normals"
-        stored = "normals" if normals else "depth"
-    if requested and stored and requested != stored:
-        raise ValueError(f"--task {requested} contradicts the folder's model_index.json ({stored} pipeline)")
-    return requested or stored or "depth"
-
-
-def load_checkpoint_model(path: Path) -> GeometryEstimator:
-    """A Lightning checkpoint rebuilt from its saved hyperparameters; the frozen VAE comes from their source."""
-    # mmap: only the pickled structure is read to check for hyperparameters, not the weights.
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, OSError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({error})") from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    if not checkpoint.get("hyper_parameters"):
-        raise ValueError(
-            f"{path} has no saved hyperparameters, so the model cannot be rebuilt from it alone: "
-            "pass the run's config with --config RUN.yaml (the config.yaml the fit run saved)"
-        )
-    del checkpoint
-    return GeometryEstimator.load_from_checkpoint(path, map_location="cpu", weights_only=False)
-
-
 def load_model(args: argparse.Namespace) -> tuple[GeometryEstimator, dict[str, Any]]:
     """The model and the folder's model_index.json ({} for checkpoints)."""
     if is_diffusers_folder(args.model):
         if args.config:
             raise ValueError("--config applies to .ckpt files, not to diffusers folders")
         index = folder_index(args.model)
-        return GeometryEstimator(pretrained=str(args.model), task=folder_task(index, args.task)), index
+        return GeometryEstimator(pretrained=str(args.model), task=task_of_folder(index, args.task)), index
     if not args.model.is_file():
         raise ValueError(f"{args.model} is neither a diffusers folder (model_index.json or unet/) nor a checkpoint")
-    if args.config:
-        from experiments.export import build_model  # imports the training CLI; only needed here
-
-        model = build_model(args.config, args.model)
-    else:
-        model = load_checkpoint_model(args.model)
+    model = load_trained_model(args.model, args.config)
     if args.task and args.task != model.task.name:
         raise ValueError(f"--task {args.task} contradicts the checkpoint's task {model.task.name!r}")
     return model, {}
@@ -162,15 +129,6 @@ def list_images(root: Path) -> list[tuple[Path, Path]]:
     ]
 
 
-def write_outputs(stem: Path, task: str, result: dict[str, Any]) -> None:
-    if task == "depth":
-        write_depth(stem, result["depth"][0, 0])
-    else:
-        write_normals(stem, result["normals"][0])
-    if result["uncertainty"] is not None:
-        write_uncertainty(stem, result["uncertainty"][0, 0])
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (0 if at least one image was written)."""
     args = parse_args(argv)
@@ -186,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         model, index = load_model(args)
-    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"error: could not load model {args.model}: {error}", file=sys.stderr)
         return 1
     model = model.to(device).eval()
@@ -211,8 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"warning: skipping {path}: unreadable: {error}", file=sys.stderr)
             continue
         try:
-            result = predict(model, rgb[None], resolution, args.ensemble, spec, args.batch_size, bf16=args.bf16)
-            write_outputs(args.output / stem, task, result)
+            result = predict(
+                model.core, model.task, rgb[None], resolution, args.ensemble, spec, args.batch_size, bf16=args.bf16
+            )
+            uncertainty = result["uncertainty"]
+            model.task.write_outputs(
+                args.output / stem, result[task][0].cpu(), uncertainty[0].cpu() if uncertainty is not None else None
+            )
         except (RuntimeError, OSError, ValueError) as error:  # e.g. out of memory on one huge image, disk full
             skipped.append((path, f"failed: {type(error).__name__}: {error}"))
             tqdm.write(f"warning: skipping {path}: {error}", file=sys.stderr)

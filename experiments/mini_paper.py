@@ -134,8 +134,9 @@ def export_marigold(checkpoint: Path, out: Path) -> Path:
 
     model = GeometryEstimator.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
     return export_to_diffusers(
-        model, out, processing_resolution=128, denoising_steps=1, set_alpha_to_one=False, overwrite=True
-    )
+        model.core, model.task, out, processing_resolution=128, denoising_steps=1,
+        tokenizer_source=model.hparams.get("pretrained"), set_alpha_to_one=False, overwrite=True,
+    )  # fmt: skip
 
 
 def middlebury_datamodule(shard_dir: Path):
@@ -161,12 +162,12 @@ def evaluate_row(model, row: Row, synthetic: dict, middlebury, args: argparse.Na
     from lightning_modules.predictor import predict
 
     spec = InferenceSpec(num_steps=row.steps, spacing=row.spacing, init_latent=row.init, seed=1234)
-    predict(model, synthetic["rgb"][:1], processing_resolution=0, ensemble_size=row.ensemble, spec=spec)  # warm-up
+    predict(model.core, model.task, synthetic["rgb"][:1], processing_resolution=0, ensemble_size=row.ensemble, spec=spec)
     timing = run_row(model, synthetic, spec, row.ensemble, argparse.Namespace(repeats=args.repeats, batch_size=16))
     datamodule, eval_spec = middlebury
     model.inference = spec
     model.evaluation = dataclasses.replace(eval_spec, ensemble_size=row.ensemble)
-    model.configure_metrics(model.hparams.eval_min_depth, model.hparams.eval_max_depth)
+    model.configure_metrics()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(args.runs / "middlebury" / row.run), enable_checkpointing=False,

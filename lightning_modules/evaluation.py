@@ -6,7 +6,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -95,20 +95,11 @@ def prepare_input(images: Tensor, mode: InputMode) -> Tensor:
     return torch.floor(stretched * 255) / 255  # the reference truncates to uint8
 
 
-# Markdown columns: (metric key, header, factor); ratios shown in percent as in the papers' tables.
-DEPTH_COLUMNS = (
-    ("abs_rel", "AbsRel (%)", 100), ("sq_rel", "SqRel", 1), ("rmse", "RMSE", 1), ("rmse_log", "RMSE log", 1),
-    ("log10", "log10", 1), ("delta1", "δ1 (%)", 100), ("delta2", "δ2 (%)", 100), ("delta3", "δ3 (%)", 100),
-    ("i_rmse", "iRMSE", 1), ("silog", "SIlog", 1),
-)  # fmt: skip
-NORMAL_COLUMNS = (
-    ("mean", "mean (°)", 1), ("median", "median (°)", 1), ("rmse", "RMSE (°)", 1), ("a5", "< 5° (%)", 1),
-    ("a7_5", "< 7.5° (%)", 1), ("a11_25", "< 11.25° (%)", 1), ("a22_5", "< 22.5° (%)", 1), ("a30", "< 30° (%)", 1),
-)  # fmt: skip
-
-
-def write_tables(folder: str | Path, dataset: str, images: int, values: dict[str, float]) -> tuple[Path, Path]:
-    """Write `metrics_<dataset>.csv` (raw values, full precision) and `.md` (papers' units) into `folder`."""
+def write_tables(
+    folder: str | Path, dataset: str, images: int, values: dict[str, float], columns: Sequence[tuple[str, str, float]]
+) -> tuple[Path, Path]:
+    """Write `metrics_<dataset>.csv` (raw values, full precision) and `.md` (the task's `columns`: key, header,
+    factor, in the papers' units) into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = folder / f"metrics_{dataset}.csv", folder / f"metrics_{dataset}.md"
@@ -116,7 +107,6 @@ def write_tables(folder: str | Path, dataset: str, images: int, values: dict[str
         writer = csv.writer(handle)
         writer.writerow(["dataset", "images", *values])
         writer.writerow([dataset, images, *(repr(float(v)) for v in values.values())])
-    columns = DEPTH_COLUMNS if "abs_rel" in values else NORMAL_COLUMNS
     columns = [c for c in columns if c[0] in values]
     cells = ["nan" if math.isnan(values[key]) else f"{values[key] * factor:.3f}" for key, _, factor in columns]
     lines = [

@@ -30,30 +30,25 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import diffusers
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, MarigoldDepthPipeline, MarigoldNormalsPipeline, SchedulerMixin
+from diffusers import DDIMScheduler, DiffusionPipeline, SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from lightning_modules.components import empty_prompt_embedding
+from lightning_modules.core import GeometryCore
+from lightning_modules.tasks import TASKS, Task
 from lightning_modules.tiny import TinySpec, build_tiny_components
 
-if TYPE_CHECKING:
-    from lightning_modules.module import GeometryEstimator
 
-# Per task: the stock pipeline class and the model_index.json keys that describe the prediction (docs/method.md §7.2).
-PIPELINES: dict[str, tuple[type[DiffusionPipeline], dict[str, Any]]] = {
-    "depth": (MarigoldDepthPipeline, {"prediction_type": "depth", "scale_invariant": True, "shift_invariant": True}),
-    "normals": (MarigoldNormalsPipeline, {"prediction_type": "normals", "use_full_z_range": True}),
-}
-
-
-def pipeline_class(task_name: str) -> type[DiffusionPipeline]:
-    """The stock diffusers pipeline that an exported model of task `task_name` loads into."""
-    if task_name not in PIPELINES:
-        raise ValueError(f"no diffusers pipeline for task {task_name!r}; exportable: {sorted(PIPELINES)}")
-    return PIPELINES[task_name][0]
+def pipeline_class(task: Task) -> type[DiffusionPipeline]:
+    """The stock diffusers pipeline that an exported model of `task` loads into (the task's `pipeline`)."""
+    if task.pipeline is None:
+        exportable = sorted(name for name, cls in TASKS.items() if cls.pipeline is not None)
+        raise ValueError(f"no diffusers pipeline for task {task.name!r}; exportable: {exportable}")
+    return getattr(diffusers, task.pipeline[0])
 
 
 def export_scheduler(noise_scheduler: SchedulerMixin, set_alpha_to_one: bool = True) -> DDIMScheduler:
@@ -84,30 +79,28 @@ def _as_tiny_spec(spec: Any) -> TinySpec:
 
 
 def text_components(
-    model: GeometryEstimator, tokenizer_source: str | None = None
+    core: GeometryCore, source: str | None = None, tiny: TinySpec | dict[str, Any] | None = None
 ) -> tuple[CLIPTextModel, CLIPTokenizer]:
-    """Recover the text encoder and tokenizer the module dropped: from `tokenizer_source` if given (a diffusers
-    folder or hub id with `text_encoder/` and `tokenizer/`), else rebuilt from `hparams.tiny` or loaded from
-    `hparams.pretrained`. Raises unless they re-embed the empty prompt to `model.empty_text_embedding`."""
-    hparams = model.hparams
-    source = tokenizer_source or hparams.get("pretrained")
+    """Recover the text encoder and tokenizer the core dropped: loaded from `source` (a diffusers folder or hub id
+    with `text_encoder/` and `tokenizer/`) or rebuilt from the `tiny` architecture. Raises unless they re-embed the
+    empty prompt to `core.empty_text_embedding`."""
     if source is not None:
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-    elif hparams.get("tiny") is not None:
-        parts = build_tiny_components(_as_tiny_spec(hparams.tiny))
+    elif tiny is not None:
+        parts = build_tiny_components(_as_tiny_spec(tiny))
         text_encoder, tokenizer = parts.text_encoder, parts.tokenizer
     else:
-        raise ValueError("model has neither `pretrained` nor `tiny`: pass tokenizer_source to recover the text encoder")
+        raise ValueError("neither a text source nor a tiny architecture: pass tokenizer_source to recover the text encoder")
     # The pipeline always embeds "" unpadded ([BOS, EOS]); a 77-token model would be conditioned differently.
-    reference = model.empty_text_embedding.detach().float().cpu()
+    reference = core.empty_text_embedding.detach().float().cpu()
     embedding = empty_prompt_embedding(text_encoder.float().cpu().eval(), tokenizer, "none")
     if embedding.shape != reference.shape or not torch.allclose(embedding, reference, rtol=1e-4, atol=1e-5):
         detail = f"shapes {tuple(embedding.shape)} vs {tuple(reference.shape)}"
         if embedding.shape == reference.shape:
             detail = f"max difference {(embedding - reference).abs().max().item():.3g}"
         raise ValueError(
-            f"the text encoder from {source or 'hparams.tiny'!r} does not reproduce the model's cached empty-prompt "
+            f"the text encoder from {source or 'the tiny architecture'!r} does not reproduce the model's cached empty-prompt "
             f"embedding ({detail}); the stock pipeline embeds the unpadded 2-token prompt, so the model must use "
             "prompt_padding='none' and the text encoder it was built from (pass tokenizer_source)."
         )
@@ -115,15 +108,20 @@ def text_components(
 
 
 def export_to_diffusers(
-    model: GeometryEstimator,
+    core: GeometryCore,
+    task: Task,
     out_dir: str | Path,
     processing_resolution: int = 768,
     denoising_steps: int = 1,
     tokenizer_source: str | None = None,
+    tiny: TinySpec | dict[str, Any] | None = None,
     set_alpha_to_one: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Write `model` as the stock pipeline folder of its task and return its path.
+    """Write the model `core` of `task` as the task's stock pipeline folder and return its path.
+
+    The text encoder comes from `tokenizer_source` (the model's `pretrained` folder, usually) or the `tiny`
+    architecture it was built from.
 
     Depth -> `MarigoldDepthPipeline` (affine-invariant depth in [0, 1]); normals -> `MarigoldNormalsPipeline`
     (unit normals in the training frame, x left, y up, z towards the viewer; see the module docstring). The
@@ -134,21 +132,21 @@ def export_to_diffusers(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty: choose another folder or pass overwrite (--overwrite)")
-    cls = pipeline_class(model.task.name)
-    if processing_resolution % model.vae_scale_factor:
-        raise ValueError(f"processing_resolution must be a multiple of {model.vae_scale_factor} (0 = native)")
+    cls = pipeline_class(task)
+    if processing_resolution % core.vae_scale_factor:
+        raise ValueError(f"processing_resolution must be a multiple of {core.vae_scale_factor} (0 = native)")
     if denoising_steps < 1:
         raise ValueError(f"denoising_steps must be >= 1, got {denoising_steps}")
-    text_encoder, tokenizer = text_components(model, tokenizer_source)
+    text_encoder, tokenizer = text_components(core, tokenizer_source, tiny)
     pipeline = cls(
-        unet=model.unet,
-        vae=model.vae,
-        scheduler=export_scheduler(model.noise_scheduler, set_alpha_to_one),
+        unet=core.unet,
+        vae=core.vae,
+        scheduler=export_scheduler(core.noise_scheduler, set_alpha_to_one),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         default_denoising_steps=denoising_steps,
         default_processing_resolution=processing_resolution,
-        **PIPELINES[model.task.name][1],
+        **task.pipeline[1],
     )
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -33,8 +33,8 @@ def test_fit_checkpoint_then_validate(tmp_path, shard_cache):
     assert set(metrics) >= {"val/abs_rel", "val/delta1", "val/rmse", "val/silog", "val/i_rmse"}
     # Same weights, same validation data: the metric is reproduced exactly from the checkpoint.
     assert metrics["val/abs_rel"].item() == pytest.approx(fit.trainer.callback_metrics["val/abs_rel"].item(), rel=1e-5)
-    trained = fit.model.unet.conv_out.weight
-    torch.testing.assert_close(validated.model.unet.conv_out.weight, trained)
+    trained = fit.model.core.unet.conv_out.weight
+    torch.testing.assert_close(validated.model.core.unet.conv_out.weight, trained)
 
 
 def test_bf16_mixed_fast_dev_run(tmp_path, shard_cache):
@@ -71,7 +71,7 @@ def test_demo_config_composes(tmp_path, tiny_sd2_folder):
     assert cli.config.trainer.max_steps == 1500
     assert type(cli.model.objective).__name__ == "E2EObjective"
     assert cli.datamodule.batch_size == 4
-    assert cli.model.unet.config.in_channels == 8  # the SD2-layout UNet was widened
+    assert cli.model.core.unet.config.in_channels == 8  # the SD2-layout UNet was widened
 
 
 def test_test_and_predict_subcommands(tmp_path, shard_cache):

@@ -16,9 +16,12 @@ from diffusers.pipelines.marigold.marigold_image_processing import MarigoldImage
 from PIL import Image
 
 from experiments.export import main as export_main
-from lightning_modules.export import export_to_diffusers, pipeline_class
+from lightning_modules.export import pipeline_class
+from tests.helpers import export_model
+from tests.toy_task import ToyDisparityTask
 from lightning_modules.inference import InferenceSpec, inference_scheduler, sample_latent
 from lightning_modules.module import GeometryEstimator
+from lightning_modules.tasks import build_task
 from lightning_modules.tiny import TinySpec
 from lightning_modules.visualize import normals_to_rgb
 
@@ -34,7 +37,7 @@ def perturbed_tiny_model(seed: int = 0, task: str = "depth") -> GeometryEstimato
     model = GeometryEstimator(tiny=TinySpec(seed=0), task=task).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.unet.parameters():
+        for p in model.core.unet.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
     return model
 
@@ -78,7 +81,7 @@ def ours(model: GeometryEstimator, rgb: torch.Tensor, steps: int) -> torch.Tenso
 
 @pytest.fixture(scope="module")
 def folder(model: GeometryEstimator, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_to_diffusers(model, tmp_path_factory.mktemp("export") / "pipe", processing_resolution=64)
+    return export_model(model, tmp_path_factory.mktemp("export") / "pipe", processing_resolution=64)
 
 
 def test_layout_and_configs(folder: Path, model: GeometryEstimator) -> None:
@@ -128,19 +131,19 @@ def test_non_divisor_steps_end_at_t0_in_the_pipeline(folder: Path, model: Geomet
 def test_published_scheduler_renoises_the_last_step(
     model: GeometryEstimator, rgb: torch.Tensor, tmp_path: Path
 ) -> None:
-    folder = export_to_diffusers(model, tmp_path / "pipe", processing_resolution=64, set_alpha_to_one=False)
+    folder = export_model(model, tmp_path / "pipe", processing_resolution=64, set_alpha_to_one=False)
     assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["set_alpha_to_one"] is False
     output = run_native(load(folder), rgb, 1, output_latent=True)
     # Our x0 latent, then DDIM's last update towards alphas_cumprod[0] from a zero latent at t = 999:
     # eps = (0 - sqrt(a999) x0) / sqrt(1 - a999), prev = sqrt(a0) x0 + sqrt(1 - a0) eps = c x0 with c ~ 0.99758.
-    z_rgb = model.encode(rgb * 2 - 1)
+    z_rgb = model.core.encode(rgb * 2 - 1)
     x0 = sample_latent(
-        lambda z, t: model.unet_forward(z_rgb, z, t),
-        inference_scheduler(model.noise_scheduler),
+        lambda z, t: model.core.denoise(z_rgb, z, t),
+        inference_scheduler(model.core.noise_scheduler),
         torch.zeros_like(z_rgb),
         1,
     )
-    a0, a999 = model.noise_scheduler.alphas_cumprod[[0, 999]].double()
+    a0, a999 = model.core.noise_scheduler.alphas_cumprod[[0, 999]].double()
     c = (a0.sqrt() - (1 - a0).sqrt() * (a999 / (1 - a999)).sqrt()).item()
     assert c == pytest.approx(0.99758, abs=1e-5)
     torch.testing.assert_close(output.latent, c * x0, atol=1e-5, rtol=1e-5)
@@ -152,7 +155,7 @@ def test_reload_into_geometry_estimator_reproduces_predictions(
     folder: Path, model: GeometryEstimator, rgb: torch.Tensor
 ) -> None:
     reloaded = GeometryEstimator(pretrained=str(folder)).eval()
-    assert torch.equal(reloaded.empty_text_embedding, model.empty_text_embedding)
+    assert torch.equal(reloaded.core.empty_text_embedding, model.core.empty_text_embedding)
     for steps in (1, 4):
         assert torch.equal(reloaded.predict_image(rgb * 2 - 1, InferenceSpec(num_steps=steps)),
                            model.predict_image(rgb * 2 - 1, InferenceSpec(num_steps=steps)))  # fmt: skip
@@ -161,10 +164,10 @@ def test_reload_into_geometry_estimator_reproduces_predictions(
 def test_mismatched_text_encoder_is_rejected(model: GeometryEstimator, tmp_path: Path) -> None:
     padded = GeometryEstimator(tiny=TinySpec(seed=0), prompt_padding="max_length")
     with pytest.raises(ValueError, match="empty-prompt embedding"):
-        export_to_diffusers(padded, tmp_path / "padded")
-    other = export_to_diffusers(GeometryEstimator(tiny=TinySpec(seed=1)), tmp_path / "other", processing_resolution=64)
+        export_model(padded, tmp_path / "padded")
+    other = export_model(GeometryEstimator(tiny=TinySpec(seed=1)), tmp_path / "other", processing_resolution=64)
     with pytest.raises(ValueError, match="does not reproduce"):
-        export_to_diffusers(model, tmp_path / "wrong", tokenizer_source=str(other))
+        export_model(model, tmp_path / "wrong", tokenizer_source=str(other))
 
 
 def test_export_command(tmp_path: Path, rgb: torch.Tensor, capsys: pytest.CaptureFixture[str]) -> None:
@@ -196,10 +199,10 @@ def test_export_command(tmp_path: Path, rgb: torch.Tensor, capsys: pytest.Captur
 
 
 def test_pipeline_class_follows_the_task() -> None:
-    assert pipeline_class("depth") is MarigoldDepthPipeline
-    assert pipeline_class("normals") is MarigoldNormalsPipeline
+    assert pipeline_class(build_task("depth")) is MarigoldDepthPipeline
+    assert pipeline_class(build_task("normals")) is MarigoldNormalsPipeline
     with pytest.raises(ValueError, match="no diffusers pipeline"):
-        pipeline_class("segmentation")
+        pipeline_class(ToyDisparityTask())
 
 
 # ------------------------------------------------------------------------------------------------- normals
@@ -210,7 +213,7 @@ def normals_model() -> GeometryEstimator:
 
 @pytest.fixture(scope="module")
 def normals_folder(normals_model: GeometryEstimator, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_to_diffusers(normals_model, tmp_path_factory.mktemp("export") / "normals", processing_resolution=64)
+    return export_model(normals_model, tmp_path_factory.mktemp("export") / "normals", processing_resolution=64)
 
 
 @pytest.fixture(scope="module")
@@ -221,10 +224,10 @@ def rgb_square() -> torch.Tensor:
 
 def ours_decoded(model: GeometryEstimator, rgb: torch.Tensor, steps: int = 1) -> torch.Tensor:
     """The decoded VAE image that predict_image turns into normals (zero initial latent, trailing)."""
-    z_rgb = model.encode(rgb * 2 - 1)
-    denoiser = lambda z, t: model.unet_forward(z_rgb, z, t)  # noqa: E731
-    z_0 = sample_latent(denoiser, inference_scheduler(model.noise_scheduler), torch.zeros_like(z_rgb), steps)
-    return model.decode(z_0)
+    z_rgb = model.core.encode(rgb * 2 - 1)
+    denoiser = lambda z, t: model.core.denoise(z_rgb, z, t)  # noqa: E731
+    z_0 = sample_latent(denoiser, inference_scheduler(model.core.noise_scheduler), torch.zeros_like(z_rgb), steps)
+    return model.core.decode(z_0)
 
 
 def test_normals_layout(normals_folder: Path) -> None:
@@ -272,9 +275,9 @@ def test_normals_pipeline_matches_predict_image(
     assert ours.std(dim=(0, 2, 3)).min() > 0.1  # non-trivial output
 
     # Same latent (set_alpha_to_one: the last prev_sample is x0) ...
-    z_rgb = normals_model.encode(rgb_square * 2 - 1)
-    z_0 = sample_latent(lambda z, t: normals_model.unet_forward(z_rgb, z, t),
-                        inference_scheduler(normals_model.noise_scheduler), torch.zeros_like(z_rgb), 1)  # fmt: skip
+    z_rgb = normals_model.core.encode(rgb_square * 2 - 1)
+    z_0 = sample_latent(lambda z, t: normals_model.core.denoise(z_rgb, z, t),
+                        inference_scheduler(normals_model.core.noise_scheduler), torch.zeros_like(z_rgb), 1)  # fmt: skip
     torch.testing.assert_close(output.latent, z_0, atol=1e-6, rtol=0)
     # ... and exactly diffusers' post-processing of our decoded image: clip to [-1, 1], then divide by max(norm, 1e-6).
     clipped = decoded.clamp(-1, 1)
@@ -320,7 +323,7 @@ def test_normals_reload_into_geometry_estimator_reproduces_predictions(
 ) -> None:
     reloaded = GeometryEstimator(pretrained=str(normals_folder), task="normals").eval()
     assert reloaded.task.name == "normals"
-    assert torch.equal(reloaded.empty_text_embedding, normals_model.empty_text_embedding)
+    assert torch.equal(reloaded.core.empty_text_embedding, normals_model.core.empty_text_embedding)
     for steps in (1, 4):
         spec = InferenceSpec(num_steps=steps)
         assert torch.equal(
@@ -330,7 +333,7 @@ def test_normals_reload_into_geometry_estimator_reproduces_predictions(
 
 def test_export_rejects_bad_denoising_steps(normals_model: GeometryEstimator, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="denoising_steps"):
-        export_to_diffusers(normals_model, tmp_path / "x", processing_resolution=64, denoising_steps=0)
+        export_model(normals_model, tmp_path / "x", processing_resolution=64, denoising_steps=0)
 
 
 def test_export_command_with_the_normals_config(tmp_path: Path, rgb_square: torch.Tensor) -> None:
@@ -357,7 +360,7 @@ def test_export_refuses_a_non_empty_folder_and_replaces_atomically(
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite"):
-        export_to_diffusers(model, out, processing_resolution=64)
+        export_model(model, out, processing_resolution=64)
     assert (out / "notes.txt").read_text() == "mine"  # nothing touched
     # A failing export leaves the old folder exactly as it was and no temporary folder behind.
     def broken(self, *args, **kwargs):
@@ -365,11 +368,11 @@ def test_export_refuses_a_non_empty_folder_and_replaces_atomically(
 
     monkeypatch.setattr(MarigoldDepthPipeline, "save_pretrained", broken)
     with pytest.raises(OSError, match="disk full"):
-        export_to_diffusers(model, out, processing_resolution=64, overwrite=True)
+        export_model(model, out, processing_resolution=64, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
     monkeypatch.undo()
-    export_to_diffusers(model, out, processing_resolution=64, overwrite=True)
+    export_model(model, out, processing_resolution=64, overwrite=True)
     assert (out / "model_index.json").is_file() and not (out / "notes.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from experiments.infer import main
-from lightning_modules.export import export_to_diffusers
+from tests.helpers import export_model
 from lightning_modules.image_io import read_image, write_depth
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.predictor import predict
@@ -40,7 +40,7 @@ def trained() -> GeometryEstimator:
     model = GeometryEstimator(tiny=TinySpec(seed=0)).eval()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in model.unet.parameters():
+        for p in model.core.unet.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
     return model
 
@@ -97,7 +97,7 @@ def test_folder_from_checkpoint(
         assert colored.shape == (height, width, 3) and colored.dtype == np.uint8
     # The checkpoint's weights were loaded: same result as the in-memory model.
     source = inputs / "sub/photo.JPG"
-    expected = predict(trained, read_image(source)[None], processing_resolution=32)["depth"][0, 0]
+    expected = predict(trained.core, trained.task, read_image(source)[None], processing_resolution=32)["depth"][0, 0]
     np.testing.assert_allclose(np.load(out / "sub/photo_depth.npy"), expected.numpy(), atol=1e-6)
     assert not list(out.glob("broken*")) and not list(out.glob("notes*"))
     assert "wrote 4 of 5 images" in captured.out and "skipped 1" in captured.out
@@ -110,10 +110,10 @@ def test_folder_from_checkpoint(
 def test_diffusers_folder_uses_its_defaults_and_task(
     trained: GeometryEstimator, inputs: Path, tmp_path: Path
 ) -> None:
-    folder = export_to_diffusers(trained, tmp_path / "depth_pipeline", processing_resolution=32)
+    folder = export_model(trained, tmp_path / "depth_pipeline", processing_resolution=32)
     image = inputs / "rgb.png"
     assert run("--model", folder, "--input", image, "--output", tmp_path / "out") == 0
-    expected = predict(trained, read_image(image)[None], processing_resolution=32)["depth"][0, 0]
+    expected = predict(trained.core, trained.task, read_image(image)[None], processing_resolution=32)["depth"][0, 0]
     np.testing.assert_allclose(np.load(tmp_path / "out/rgb_depth.npy"), expected.numpy(), atol=1e-6)
 
     normals_folder = shutil.copytree(folder, tmp_path / "normals_pipeline")
@@ -142,7 +142,7 @@ def test_checkpoint_with_run_config(
     assert run("--model", ckpt, "--input", image, "--output", tmp_path / "no_config") == 1  # needs --config
     args = ["--model", ckpt, "--config", config, "--input", image, "--output", tmp_path / "out"]
     assert run(*args, "--processing_resolution", 32) == 0
-    expected = predict(trained, read_image(image)[None], processing_resolution=32)["depth"][0, 0]
+    expected = predict(trained.core, trained.task, read_image(image)[None], processing_resolution=32)["depth"][0, 0]
     np.testing.assert_allclose(np.load(tmp_path / "out/rgb_depth.npy"), expected.numpy(), atol=1e-6)
 
 

@@ -10,7 +10,9 @@ import torch
 from lightning_modules import predictor
 from lightning_modules.inference import InferenceSpec
 from lightning_modules.module import GeometryEstimator
-from lightning_modules.predictor import pad_to_multiple, predict, processing_size
+from diffusers.pipelines.marigold.marigold_image_processing import MarigoldImageProcessor
+
+from lightning_modules.predictor import predict, processing_size
 from lightning_modules.tiny import TinySpec
 
 
@@ -40,19 +42,10 @@ def test_processing_size_keeps_aspect_and_truncates() -> None:
         processing_size(10, 10, -1)
 
 
-def test_padding_replicates_the_last_row_and_column() -> None:
-    x = torch.arange(15.0).view(1, 1, 3, 5)
-    padded = pad_to_multiple(x, 4)
-    assert padded.shape[-2:] == (4, 8)
-    assert torch.equal(padded[..., :3, :5], x)
-    assert torch.equal(padded[..., 3, :5], x[..., 2, :])
-    assert torch.equal(padded[..., :3, 7], x[..., :, 4])
-
-
 @pytest.mark.parametrize("size", [(37, 53), (50, 70)])
 @pytest.mark.parametrize("resolution", [0, 32])
 def test_output_matches_input_size_and_range(depth_model: GeometryEstimator, size: tuple[int, int], resolution: int) -> None:
-    result = predict(depth_model, images(2, *size), processing_resolution=resolution, batch_size=1)
+    result = predict(depth_model.core, depth_model.task, images(2, *size), processing_resolution=resolution, batch_size=1)
     depth = result["depth"]
     assert depth.shape == (2, 1, *size) and depth.dtype == torch.float32
     assert depth.min() >= 0 and depth.max() <= 1
@@ -62,21 +55,21 @@ def test_output_matches_input_size_and_range(depth_model: GeometryEstimator, siz
 
 def test_unet_calls_are_steps_times_members_times_images(depth_model: GeometryEstimator) -> None:
     spec = InferenceSpec(num_steps=2, init_latent="gaussian")
-    result = predict(depth_model, images(3, 24, 40), processing_resolution=0, ensemble_size=2, spec=spec, batch_size=2)
+    result = predict(depth_model.core, depth_model.task, images(3, 24, 40), processing_resolution=0, ensemble_size=2, spec=spec, batch_size=2)
     assert result["unet_calls"] == 2 * 2 * 3
 
 
 def test_plain_path_equals_predict_image(depth_model: GeometryEstimator) -> None:
     x = images(2, 48, 64)
-    result = predict(depth_model, x, processing_resolution=64)
+    result = predict(depth_model.core, depth_model.task, x, processing_resolution=64)
     expected = (depth_model.predict_image(x * 2 - 1) + 1) / 2
     assert torch.equal(result["depth"], expected)
 
 
 def test_padding_leaves_multiple_of_eight_images_unchanged_and_unpads(depth_model: GeometryEstimator) -> None:
     x = images(1, 45, 61)
-    result = predict(depth_model, x, processing_resolution=0)
-    padded = pad_to_multiple(x, depth_model.vae_scale_factor)
+    result = predict(depth_model.core, depth_model.task, x, processing_resolution=0)
+    padded, _ = MarigoldImageProcessor.pad_image(x, depth_model.core.vae_scale_factor)
     expected = (depth_model.predict_image(padded * 2 - 1) + 1) / 2
     assert torch.equal(result["depth"], expected[..., :45, :61])
 
@@ -84,14 +77,14 @@ def test_padding_leaves_multiple_of_eight_images_unchanged_and_unpads(depth_mode
 def test_gaussian_ensemble_gives_uncertainty_and_seeds_members(depth_model: GeometryEstimator) -> None:
     spec = InferenceSpec(init_latent="gaussian", seed=7)
     x = images(1, 32, 48)
-    result = predict(depth_model, x, processing_resolution=0, ensemble_size=3, spec=spec)
+    result = predict(depth_model.core, depth_model.task, x, processing_resolution=0, ensemble_size=3, spec=spec)
     uncertainty = result["uncertainty"]
     assert uncertainty is not None and uncertainty.shape == (1, 1, 32, 48)
     assert uncertainty.min() >= 0 and uncertainty.max() > 0
     depth = result["depth"]
     assert depth.min() == pytest.approx(0, abs=1e-6) and depth.max() == pytest.approx(1, abs=1e-6)
     # Member 0 uses the spec's own seed; the ensemble of one is that member.
-    single = predict(depth_model, x, processing_resolution=0, spec=spec)["depth"]
+    single = predict(depth_model.core, depth_model.task, x, processing_resolution=0, spec=spec)["depth"]
     assert torch.equal(single, (depth_model.predict_image(x * 2 - 1, spec) + 1) / 2)
 
 
@@ -99,7 +92,7 @@ def test_deterministic_ensemble_warns_once(depth_model: GeometryEstimator, monke
     monkeypatch.setattr(predictor, "_warned_identical_members", False)
     with pytest.warns(UserWarning, match="every member is identical") as record:
         for _ in range(2):
-            result = predict(depth_model, images(1, 16, 16), processing_resolution=0, ensemble_size=2)
+            result = predict(depth_model.core, depth_model.task, images(1, 16, 16), processing_resolution=0, ensemble_size=2)
     assert len(record) == 1
     assert torch.all(result["uncertainty"] == 0)
 
@@ -107,7 +100,7 @@ def test_deterministic_ensemble_warns_once(depth_model: GeometryEstimator, monke
 def test_normals_are_unit_length_at_input_size() -> None:
     model = GeometryEstimator(tiny=TinySpec(seed=0), task="normals").eval()
     spec = InferenceSpec(init_latent="gaussian")
-    result = predict(model, images(1, 37, 53), processing_resolution=32, ensemble_size=2, spec=spec)
+    result = predict(model.core, model.task, images(1, 37, 53), processing_resolution=32, ensemble_size=2, spec=spec)
     normals = result["normals"]
     assert normals.shape == (1, 3, 37, 53)
     torch.testing.assert_close(normals.norm(dim=1), torch.ones(1, 37, 53), atol=1e-5, rtol=0)
@@ -117,7 +110,7 @@ def test_normals_are_unit_length_at_input_size() -> None:
 
 def test_bf16_autocast_runs_and_restores_training_mode() -> None:
     model = GeometryEstimator(tiny=TinySpec(seed=0)).train()
-    result = predict(model, images(1, 24, 24), processing_resolution=0, bf16=True)
+    result = predict(model.core, model.task, images(1, 24, 24), processing_resolution=0, bf16=True)
     assert result["depth"].dtype == torch.float32 and torch.isfinite(result["depth"]).all()
     assert model.training
 
@@ -125,4 +118,4 @@ def test_bf16_autocast_runs_and_restores_training_mode() -> None:
 def test_images_outside_unit_range_are_refused(depth_model: GeometryEstimator) -> None:
     """The batch contract's [-1, 1] images passed by mistake would predict silently on the wrong input."""
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        predict(depth_model, images(1, 16, 16) * 2 - 1.5)
+        predict(depth_model.core, depth_model.task, images(1, 16, 16) * 2 - 1.5)

@@ -87,7 +87,7 @@ def recorded(cli) -> list[tuple[int, list[str]]]:
 
 
 def assert_same_weights(a: LightningModule, b: LightningModule) -> None:
-    ours, theirs = a.unet.state_dict(), b.unet.state_dict()
+    ours, theirs = a.core.unet.state_dict(), b.core.unet.state_dict()
     assert ours.keys() == theirs.keys()
     different = [name for name in ours if not torch.equal(ours[name], theirs[name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
@@ -130,7 +130,7 @@ def test_slurm_requeue_resumes_from_the_hpc_checkpoint(tmp_path, monkeypatch, re
     hpc = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=False)
     assert hpc["global_step"] == 3
     # Steps 4-6 still change the weights, so matching the reference below is not trivial.
-    assert not torch.equal(hpc["state_dict"]["unet.conv_out.weight"], reference.model.unet.conv_out.weight)
+    assert not torch.equal(hpc["state_dict"]["core.unet.conv_out.weight"], reference.model.core.unet.conv_out.weight)
 
     # The requeued job: same command, no ckpt_path; Lightning finds hpc_ckpt_1 in the run folder.
     resumed = main(fit_args(tmp_path, cache, None, callbacks_config(tmp_path), 6, one_scene=True))

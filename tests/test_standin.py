@@ -96,8 +96,8 @@ def test_sd2_folder_round_trip(tmp_path, tiny_sd2_folder):
     saved = UNet2DConditionModel.from_pretrained(tiny_sd2_folder, subfolder="unet").conv_in
     for rule, bias_factor in (("e2e_ft", 0.5), ("marigold", 1.0)):
         model = GeometryEstimator(pretrained=str(tiny_sd2_folder), conv_in_rule=rule)
-        conv = model.unet.conv_in
-        assert conv.in_channels == 8 and model.unet.config.in_channels == 8
+        conv = model.core.unet.conv_in
+        assert conv.in_channels == 8 and model.core.unet.config.in_channels == 8
         torch.testing.assert_close(conv.weight[:, :4], saved.weight * 0.5)
         torch.testing.assert_close(conv.weight[:, 4:], saved.weight * 0.5)
         torch.testing.assert_close(conv.bias, saved.bias * bias_factor)
@@ -149,7 +149,7 @@ def test_cli_resolves_the_standin_scheme(tmp_path, monkeypatch, tiny_sd2_folder,
         run=False,
     )  # fmt: skip
     assert cli.model.hparams.pretrained == str(standin.standin_dir() / "sd2")
-    assert cli.model.unet.config.in_channels == 8
+    assert cli.model.core.unet.config.in_channels == 8
     with pytest.raises(ValueError, match="unknown stand-in"):
         standin.resolve_pretrained("standin:sd9")
 

@@ -4,6 +4,7 @@ import torch
 
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.objectives import DiffusionObjective, E2EObjective
+from lightning_modules.evaluation import EvalSpec
 from lightning_modules.tasks import DepthTask, NormalsTask
 from lightning_modules.tiny import TinySpec
 from tests.helpers import fake_batch
@@ -40,9 +41,9 @@ def test_both_objectives_train_normals_with_finite_gradients():
     model = GeometryEstimator(tiny=TinySpec(seed=0), task="normals")
     for objective in (E2EObjective(), DiffusionObjective()):
         model.zero_grad()
-        loss, _ = objective.training_loss(model, normals_batch())
+        loss, _ = objective.training_loss(model.core, model.task, normals_batch())
         loss.backward()
-        grads = [p.grad for p in model.unet.parameters() if p.grad is not None]
+        grads = [p.grad for p in model.core.unet.parameters() if p.grad is not None]
         assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
 
 
@@ -66,6 +67,6 @@ def test_pixels_without_a_ground_truth_normal_are_not_counted():
     batch["normals"][1] = 0.0  # second sample: depth-valid pixels but no normals
     assert task.valid_mask(batch)[1].sum() == 0 and task.valid_mask(batch)[0].sum() == batch["mask"][0].sum()
     assert task.loss(prediction, batch) < 2e-3
-    metrics = task.make_metrics(0.0, 80.0)
+    metrics = task.make_metrics(EvalSpec(min_depth=0.0, max_depth=80.0))
     task.update_metrics(metrics, prediction, batch)
     assert metrics.compute()["mean"] < 0.1
