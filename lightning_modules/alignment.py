@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+AlignDownsample = Literal["upstream_width", "isotropic"]
 
 
 def _solve(p: Tensor, g: Tensor, m: Tensor, fallback_mean: bool) -> tuple[Tensor, Tensor]:
@@ -39,29 +43,43 @@ def least_squares_scale_shift(pred: Tensor, target: Tensor, mask: Tensor) -> tup
         return _solve(pred.float(), target.float(), mask.bool().expand_as(pred), fallback_mean=False)
 
 
-def _downsample(x: Tensor, max_res: int) -> Tensor:
-    """Nearest-neighbour resize so that the longest side is max_res."""
+def _downsample_isotropic(x: Tensor, max_res: int) -> Tensor:
+    """Nearest-neighbour resize of [B,C,H,W] so that the longest side is max_res."""
     h, w = x.shape[-2:]
     scale = max_res / max(h, w)
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     return F.interpolate(x, size=size, mode="nearest")
 
 
+def _downsample_upstream_width(x: Tensor, max_res: int) -> Tensor:
+    """Marigold's evaluation resize (docs/method.md §6.1): nearest by min(max_res/H, max_res/W) of the width only."""
+    h, w = x.shape[-2:]
+    # [H, W] read as (N, C, L) keeps every row and maps column j to floor(j / s), as the published ETH3D rows did.
+    rows = F.interpolate(x.reshape(-1, h, w), scale_factor=min(max_res / h, max_res / w), mode="nearest")
+    return rows.reshape(*x.shape[:-1], rows.shape[-1])
+
+
 @torch.no_grad()
-def align_depth_lstsq(pred: Tensor, gt: Tensor, mask: Tensor, max_res: int | None = None) -> Tensor:
+def align_depth_lstsq(
+    pred: Tensor, gt: Tensor, mask: Tensor, max_res: int | None = None, downsample: AlignDownsample = "upstream_width"
+) -> Tensor:
     """Evaluation alignment: per image fit [pred, 1]·[s, t] ≈ gt over mask (float64), return s·pred + t in float32.
 
-    If max_res is set and max(H, W) > max_res, the fit uses nearest-downsampled copies of pred, gt and mask
-    (longest side = max_res, ETH3D rule) and is applied at full resolution. The scale sign is free. Images whose
-    fit is degenerate (< 2 distinct valid predictions, or no valid pixel) get s = 0, t = mean valid gt (0 if
-    none) — the fitted values of the minimum-norm lstsq solution — so no NaN is produced.
+    If max_res is set and max(H, W) > max_res, the fit uses nearest-downsampled copies of pred, gt and mask and
+    is applied at full resolution: `upstream_width` subsamples only the width by min(max_res/H, max_res/W) as
+    Marigold's evaluation does (ETH3D rule, docs/method.md §6.1), `isotropic` resizes both sides to long edge
+    max_res. The scale sign is free. Images whose fit is degenerate (< 2 distinct valid predictions, or no valid
+    pixel) get s = 0, t = mean valid gt (0 if none) — the fitted values of the minimum-norm lstsq solution — so
+    no NaN is produced.
     """
+    resize = {"upstream_width": _downsample_upstream_width, "isotropic": _downsample_isotropic}.get(downsample)
+    if resize is None:
+        raise ValueError(f"align downsample must be 'upstream_width' or 'isotropic', got {downsample!r}")
     with torch.autocast(device_type=pred.device.type, enabled=False):
         p, g, m = pred.float(), gt.float(), mask.bool().expand_as(pred)
         ps, gs, ms = p, g, m
         if max_res is not None and max(p.shape[-2:]) > max_res:
-            ps, gs = _downsample(p, max_res), _downsample(g, max_res)
-            ms = _downsample(m.to(torch.uint8), max_res).bool()
+            ps, gs, ms = resize(p, max_res), resize(g, max_res), resize(m.float(), max_res).bool()
         s, t = _solve(ps.double(), gs.double(), ms, fallback_mean=True)
         shape = (-1,) + (1,) * (p.dim() - 1)
         return (s.view(shape) * p.double() + t.view(shape)).float()

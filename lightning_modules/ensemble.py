@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from itertools import combinations
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -13,74 +14,166 @@ from torch import Tensor
 
 DepthReduction = Literal["median", "mean"]
 NormalsReduction = Literal["closest", "mean"]
+MedianRule = Literal["lower", "midpoint"]
+Solver = Literal["float32_finite_difference", "float64_autograd"]
 
-# Solver presets (docs/method.md §5.5, §9.17): results depend on them, so log the one used.
-DEPTH_ENSEMBLE_PRESETS: dict[str, dict[str, float | int]] = {
-    "diffusers": dict(max_iter=2, tol=1e-3, max_res=1024),
-    "marigold_v1_0": dict(max_iter=2, tol=1e-3, max_res=50),
+# Keyword arguments of `ensemble_depth` (docs/method.md §5.5); results depend on them, so log the name used.
+# `reduction` stays out of the presets: it is the caller's choice and every preset supports both.
+DEPTH_ENSEMBLE_PRESETS: dict[str, dict[str, Any]] = {
+    # diffusers' MarigoldDepthPipeline.ensemble_depth, reproduced to float round-off.
+    "diffusers": dict(
+        solver="float32_finite_difference", median="lower", max_iter=2, tol=1e-3, max_res=1024, regularizer=0.02
+    ),
+    # Our exact-gradient solve of the same objective with a midpoint median (the behaviour before issue 10).
+    "exact_gradient": dict(
+        solver="float64_autograd", median="midpoint", max_iter=2, tol=1e-3, max_res=1024, regularizer=0.02
+    ),
+    # Marigold v1.0 pipeline's solver settings on the diffusers objective (v1.0's own objective differs, §5.5).
+    "marigold_v1_0": dict(
+        solver="float32_finite_difference", median="lower", max_iter=2, tol=1e-3, max_res=50, regularizer=0.02
+    ),
 }
 
 
-def _median(x: Tensor) -> Tensor:
-    """True median over dim 0 (mean of the two middle values for even K; torch.median takes the lower one)."""
+def _median(x: Tensor, rule: MedianRule) -> Tensor:
+    """Median over dim 0: `lower` middle value for even K (torch.median), or `midpoint` of the two middle values."""
+    if rule == "lower":
+        return x.median(dim=0).values
+    if rule != "midpoint":
+        raise ValueError(f"unknown median rule {rule!r}; use 'lower' or 'midpoint'")
     ordered = x.sort(dim=0).values
     k = x.shape[0]
     return 0.5 * (ordered[(k - 1) // 2] + ordered[k // 2])
 
 
-def _reduce(aligned: Tensor, reduction: DepthReduction) -> tuple[Tensor, Tensor]:
+def _reduce(aligned: Tensor, reduction: DepthReduction, rule: MedianRule) -> tuple[Tensor, Tensor]:
     """Pixelwise centre and spread of aligned members: median + MAD, or mean + std."""
     if reduction == "median":
-        centre = _median(aligned)
-        return centre, _median((aligned - centre).abs())
+        centre = _median(aligned, rule)
+        return centre, _median((aligned - centre).abs(), rule)
     if reduction == "mean":
         return aligned.mean(dim=0), aligned.std(dim=0)
     raise ValueError(f"unknown depth reduction {reduction!r}; use 'median' or 'mean'")
 
 
-def _downsample(members: Tensor, max_res: int) -> Tensor:
+def _downsample(members: Tensor, max_res: int | None) -> Tensor:
+    """Nearest-exact resize to long edge max_res with integer-floored sizes (diffusers' resize_to_max_edge rule)."""
     height, width = members.shape[-2:]
-    factor = max_res / max(height, width)
-    if factor >= 1:
+    if max_res is None or max(height, width) <= max_res:
         return members
-    size = (max(1, int(height * factor)), max(1, int(width * factor)))
+    size = (max(1, height * max_res // max(height, width)), max(1, width * max_res // max(height, width)))
     return F.interpolate(members, size=size, mode="nearest-exact")
 
 
 def _initial_params(members: Tensor, shift_invariant: bool) -> np.ndarray:
-    flat = members.flatten(1).double()
+    """Min/max initialisation in the members' dtype (float32 for diffusers), returned as float64 [scales, shifts]."""
+    flat = members.flatten(1)
     low, high = flat.min(dim=1).values, flat.max(dim=1).values
     if shift_invariant:
         scale = 1.0 / (high - low).clamp_min(1e-6)
-        return torch.cat([scale, -scale * low]).numpy()
-    return (1.0 / high.clamp_min(1e-6)).numpy()
+        return torch.cat([scale, -scale * low]).cpu().double().numpy()
+    return (1.0 / high.clamp_min(1e-6)).cpu().double().numpy()
 
 
 def _apply(members: Tensor, params: np.ndarray | Tensor, shift_invariant: bool) -> Tensor:
+    """s_k·p_k (+ t_k) with the parameters cast to the members' dtype, as diffusers casts them."""
     k = members.shape[0]
-    p = torch.as_tensor(params, dtype=members.dtype, device=members.device)
-    scale = p[:k].view(k, 1, 1, 1)
-    shift = p[k:].view(k, 1, 1, 1) if shift_invariant else 0.0
-    return members * scale + shift
+    p = torch.as_tensor(params).to(members)
+    scaled = members * p[:k].view(k, 1, 1, 1)
+    return scaled + p[k:].view(k, 1, 1, 1) if shift_invariant else scaled
+
+
+def alignment_cost(
+    members: Tensor,
+    params: np.ndarray | Tensor,
+    reduction: DepthReduction = "median",
+    median: MedianRule = "lower",
+    regularizer: float = 0.02,
+    shift_invariant: bool = True,
+) -> Tensor:
+    """Differentiable ensembling objective Σ_{k<l} RMSE(p'_k, p'_l) + λ(|min m| + |1 − max m|) in float64."""
+    aligned = _apply(members.double(), params, shift_invariant)
+    flat = aligned.flatten(1)
+    pair_i, pair_j = torch.triu_indices(members.shape[0], members.shape[0], offset=1, device=members.device)
+    # The clamp keeps the gradient finite for identical members (sqrt'(0) is infinite).
+    cost = (flat[pair_i] - flat[pair_j]).square().mean(dim=1).clamp_min(1e-24).sqrt().sum()
+    centre, _ = _reduce(aligned, reduction, median)
+    # Pulls the fused map towards [0,1]; without it every scale could shrink to 0 for a zero error.
+    return cost + regularizer * (centre.min().abs() + (1 - centre.max()).abs())
+
+
+def _float32_cost(
+    params: np.ndarray, small: Tensor, reduction: DepthReduction, median: MedianRule, regularizer: float,
+    shift_invariant: bool,
+) -> float:  # fmt: skip
+    """diffusers' evaluation of the objective: float32 tensors, per-pair RMSEs summed as Python floats in pair order."""
+    aligned = _apply(small, params, shift_invariant)
+    cost = 0.0
+    for i, j in combinations(range(small.shape[0]), 2):
+        cost += (aligned[i] - aligned[j]).square().mean().sqrt().item()
+    if regularizer > 0:
+        centre, _ = _reduce(aligned, reduction, median)
+        cost += (centre.min().abs().item() + (1.0 - centre.max()).abs().item()) * regularizer
+    return cost
+
+
+def fit_member_alignment(
+    members: Tensor,
+    reduction: DepthReduction = "median",
+    solver: Solver = "float32_finite_difference",
+    median: MedianRule = "lower",
+    max_iter: int = 2,
+    tol: float = 1e-3,
+    max_res: int | None = 1024,
+    regularizer: float = 0.02,
+    shift_invariant: bool = True,
+) -> np.ndarray:
+    """BFGS-fitted per-member [scales, shifts] (float64; scales only without shift invariance) for [K,1,H,W]."""
+    with torch.inference_mode(False):  # validation/test run under inference mode; the exact solver needs autograd
+        small = _downsample(members.float(), max_res)
+        small = small.double().clone() if solver == "float64_autograd" else small.clone()
+    init = _initial_params(small, shift_invariant)
+    options = {"maxiter": max_iter, "disp": False}
+    if solver == "float32_finite_difference":
+        # scipy's default 2-point differences with a ~1.5e-8 step mostly vanish in float32: this barely moves
+        # from the initialisation, but it is what the published ensembles used (docs/method.md §5.5).
+        args = (small, reduction, median, regularizer, shift_invariant)
+        return minimize(_float32_cost, init, args=args, method="BFGS", tol=tol, options=options).x
+    if solver != "float64_autograd":
+        raise ValueError(f"unknown solver {solver!r}; use 'float32_finite_difference' or 'float64_autograd'")
+
+    def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
+        with torch.inference_mode(False), torch.enable_grad():
+            p = torch.tensor(params, dtype=torch.float64, device=small.device, requires_grad=True)
+            total = alignment_cost(small, p, reduction, median, regularizer, shift_invariant)
+            (gradient,) = torch.autograd.grad(total, p)
+        return float(total.detach()), gradient.cpu().numpy()
+
+    params = minimize(objective, init, jac=True, method="BFGS", tol=tol, options=options).x
+    # Shrinking all members to a constant costs at most lambda while any disagreement costs more, so long exact
+    # solves can drive scales through zero; such a solution falls back to the min/max initialisation.
+    if not (np.isfinite(params).all() and (params[: members.shape[0]] > 0).all()):
+        return init
+    return params
 
 
 def ensemble_depth(
     members: Tensor,
     reduction: DepthReduction = "median",
+    solver: Solver = "float32_finite_difference",
+    median: MedianRule = "lower",
     max_iter: int = 2,
     tol: float = 1e-3,
-    max_res: int = 1024,
+    max_res: int | None = 1024,
     regularizer: float = 0.02,
     scale_invariant: bool = True,
     shift_invariant: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Align K depth maps [K,1,H,W] by per-member scale/shift and reduce them to one [1,H,W] map + uncertainty.
 
-    Defaults are the diffusers preset (BFGS max_iter 2, tol 1e-3, solved at <= 1024 px, lambda 0.02): the
-    min/max initialisation already aligns members well, two iterations refine it without drifting towards the
-    objective's collapsed optimum, and the preset is the one users compare against. Unlike diffusers, the cost is
-    evaluated in float64 with its exact autograd gradient: diffusers' float32 finite differences are mostly noise
-    and cost 2K + 1 evaluations per gradient.
+    Defaults are DEPTH_ENSEMBLE_PRESETS["diffusers"], which reproduces diffusers' MarigoldDepthPipeline
+    .ensemble_depth; `solver="float64_autograd"` minimises the same objective with its exact gradient
+    (docs/method.md §5.5). The fit runs on copies with long edge <= max_res and is applied at full resolution.
     Output is min-max normalised to [0,1] (min pinned at 0 for scale-only; no alignment or normalisation for
     absolute depth); uncertainty (MAD or std) is divided by the same range. K = 1 returns the member unchanged
     with no uncertainty.
@@ -93,35 +186,11 @@ def ensemble_depth(
         return members[0], None
     work = members.float()
     if scale_invariant:
-        with torch.inference_mode(False):  # validation/test run under inference mode; the solver needs autograd
-            small = _downsample(work, max_res).double().clone()
-            pair_i, pair_j = torch.triu_indices(members.shape[0], members.shape[0], offset=1)
-
-        def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
-            with torch.inference_mode(False), torch.enable_grad():
-                p = torch.tensor(params, dtype=torch.float64, requires_grad=True)
-                aligned = _apply(small, p, shift_invariant)
-                flat = aligned.flatten(1)
-                # Pairwise RMSE; the clamp keeps the gradient finite for identical members (sqrt'(0) is infinite).
-                cost = (flat[pair_i] - flat[pair_j]).square().mean(dim=1).clamp_min(1e-24).sqrt().sum()
-                centre, _ = _reduce(aligned, reduction)
-                # Pulls the fused map towards [0,1]; without it every scale could shrink to 0 for a zero error.
-                penalty = centre.min().abs() + (1 - centre.max()).abs()
-                total = cost + regularizer * penalty
-                (gradient,) = torch.autograd.grad(total, p)
-            return float(total.detach()), gradient.numpy()
-
-        init = _initial_params(small, shift_invariant)
-        result = minimize(
-            objective, init, jac=True, method="BFGS", tol=tol, options={"maxiter": max_iter, "disp": False}
+        params = fit_member_alignment(
+            work, reduction, solver, median, max_iter, tol, max_res, regularizer, shift_invariant
         )
-        params = result.x
-        # Shrinking all members to a constant costs at most lambda while any disagreement costs more, so long
-        # solves can drive scales through zero; such a solution falls back to the min/max initialisation.
-        if not (np.isfinite(params).all() and (params[: members.shape[0]] > 0).all()):
-            params = init
         work = _apply(work, params, shift_invariant)
-    depth, uncertainty = _reduce(work, reduction)
+    depth, uncertainty = _reduce(work, reduction, median)
     if scale_invariant:
         low = depth.min() if shift_invariant else depth.new_zeros(())
         span = (depth.max() - low).clamp_min(1e-6)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from lightning_modules.alignment import AlignDownsample
+from lightning_modules.ensemble import DEPTH_ENSEMBLE_PRESETS
 
 InputMode = Literal["exact", "dsine_minmax"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,12 +29,17 @@ class EvalSpec:
         task: `depth` or `normals` if the protocol is for one task only: a model of the other task is an error.
         processing_resolution: long edge the image is resized to for prediction; 0 = native (padded to 8).
         ensemble_size: predictions per image, fused as in `experiments.infer` (1 for E2E models).
+        depth_ensemble: name of the `DEPTH_ENSEMBLE_PRESETS` entry that fuses depth members when
+            ensemble_size > 1: `diffusers` (reproduces the published ensembles), `exact_gradient`, `marigold_v1_0`
+            (docs/method.md §5.5).
         min_depth, max_depth: clip range of aligned depth, also the ground-truth range unless `mask_gt_range` is
             false; None = the model's `eval_min_depth` / `eval_max_depth`.
         mask_gt_range: restrict depth metrics to ground truth inside (min_depth, max_depth); false for DIODE,
             whose range only clips predictions.
         align_max_res: fit the least-squares scale/shift on nearest-downsampled copies with this long edge
             (ETH3D: 1024); None = full resolution.
+        align_downsample: how those copies are made: `upstream_width` subsamples only the width, as the
+            published numbers did (docs/method.md §6.1); `isotropic` resizes both sides to long edge align_max_res.
         crop: evaluation crop (top, bottom, left, right) as fractions of height/width, rows int(top H) to
             int(bottom H), columns likewise (Eigen crop: NYUv2 45:471, 41:601; KITTI 117:321, 43:1172).
         input_mode: `exact` images, or `dsine_minmax`: ImageNet-normalised then min-max stretched to 8 bits over
@@ -41,10 +50,12 @@ class EvalSpec:
     task: Literal["depth", "normals"] | None = None
     processing_resolution: int = 0
     ensemble_size: int = 1
+    depth_ensemble: str = "diffusers"
     min_depth: float | None = None
     max_depth: float | None = None
     mask_gt_range: bool = True
     align_max_res: int | None = None
+    align_downsample: AlignDownsample = "upstream_width"
     crop: tuple[float, float, float, float] | None = None
     input_mode: InputMode = "exact"
 
@@ -67,15 +78,24 @@ class EvalSpec:
             raise ValueError(f"task must be 'depth', 'normals' or None, got {self.task!r}")
         if self.input_mode not in ("exact", "dsine_minmax"):
             raise ValueError(f"input_mode must be 'exact' or 'dsine_minmax', got {self.input_mode!r}")
+        if self.depth_ensemble not in DEPTH_ENSEMBLE_PRESETS:
+            raise ValueError(
+                f"depth_ensemble must be one of {sorted(DEPTH_ENSEMBLE_PRESETS)}, got {self.depth_ensemble!r}"
+            )
+        if self.align_downsample not in ("upstream_width", "isotropic"):
+            raise ValueError(f"align_downsample must be 'upstream_width' or 'isotropic', got {self.align_downsample!r}")
+
+
+def crop_box(crop: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
+    """Pixel box (top, bottom, left, right) of a fractional crop: int(top H) to int(bottom H), columns likewise."""
+    return int(crop[0] * height), int(crop[1] * height), int(crop[2] * width), int(crop[3] * width)
 
 
 def crop_mask(mask: Tensor, crop: tuple[float, float, float, float] | None) -> Tensor:
     """The mask [..., H, W] restricted to the crop box (unchanged without a crop)."""
     if crop is None:
         return mask
-    height, width = mask.shape[-2:]
-    top, bottom = int(crop[0] * height), int(crop[1] * height)
-    left, right = int(crop[2] * width), int(crop[3] * width)
+    top, bottom, left, right = crop_box(crop, *mask.shape[-2:])
     box = torch.zeros_like(mask, dtype=torch.bool)
     box[..., top:bottom, left:right] = True
     return mask.bool() & box
@@ -116,3 +136,44 @@ def write_tables(
     ]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+PROTOCOL_TASKS = {"marigold_depth": "depth", "dsine_normals": "normals"}  # shards' eval_protocol -> task
+
+
+def check_protocol(spec: EvalSpec | Mapping[str, Any], shard_metadata: Mapping[str, Any]) -> list[str]:
+    """Disagreements between an evaluation spec and one evaluation sample's `eval_*` metadata; [] = consistent."""
+    spec = spec if isinstance(spec, EvalSpec) else EvalSpec(**spec)
+    meta, problems = shard_metadata, []
+    task = PROTOCOL_TASKS.get(meta.get("eval_protocol"))
+    if task is None:
+        return [f"eval_protocol: shards have {meta.get('eval_protocol')!r}, expected one of {sorted(PROTOCOL_TASKS)}"]
+    if spec.task not in (None, task):
+        problems.append(f"task: spec {spec.task!r}, shards {meta['eval_protocol']!r} ({task})")
+    if "eval_processing_resolution" in meta and meta["eval_processing_resolution"] != spec.processing_resolution:
+        problems.append(
+            f"processing_resolution: spec {spec.processing_resolution}, shards {meta['eval_processing_resolution']}"
+        )
+    alignment = "least_squares" if task == "depth" else "none"  # what the metrics of that task do
+    if meta.get("eval_alignment", alignment) != alignment:
+        problems.append(f"alignment: {task} metrics use {alignment!r}, shards {meta['eval_alignment']!r}")
+    if spec.crop is not None and {"height", "width"} <= meta.keys():
+        box = list(crop_box(spec.crop, meta["height"], meta["width"]))
+        if meta.get("eval_crop") is None or list(meta["eval_crop"]) != box:
+            problems.append(f"crop: spec box {box}, shards {meta.get('eval_crop')}")
+    if task != "depth":
+        return problems
+    if "eval_alignment_max_res" in meta and meta["eval_alignment_max_res"] != spec.align_max_res:
+        problems.append(f"align_max_res: spec {spec.align_max_res}, shards {meta['eval_alignment_max_res']}")
+    for name, ours, key, unbounded in (
+        ("min_depth", spec.min_depth, "eval_min_depth", 0.0), ("max_depth", spec.max_depth, "eval_max_depth", math.inf)
+    ):  # fmt: skip
+        if key not in meta:
+            continue
+        theirs = unbounded if meta[key] is None else float(meta[key])  # null = unbounded in the shards
+        if ours is None or not (ours == theirs or math.isclose(ours, theirs, rel_tol=1e-9)):
+            problems.append(f"{name}: spec {ours} (None = the model's default), shards {theirs}")
+    # A file mask with a clip-only range (DIODE): masking ground truth by the range would drop valid pixels.
+    if meta.get("eval_mask") == "file" and spec.mask_gt_range:
+        problems.append("mask_gt_range: spec true, but the shards' mask comes from a file and the range only clips")
+    return problems

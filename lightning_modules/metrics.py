@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_modules.alignment import align_depth_lstsq
+from lightning_modules.alignment import AlignDownsample, align_depth_lstsq
 
 DEPTH_METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "i_rmse", "silog")
 NORMAL_METRICS = ("mean", "median", "rmse", "a5", "a7_5", "a11_25", "a22_5", "a30")
@@ -22,8 +22,9 @@ class DepthMetrics(Metric):
 
     Valid pixels are mask ∧ finite gt ∧ min_depth < gt < max_depth (the range test can be switched off with
     mask_gt_range=False for DIODE, whose range only clips predictions). Images without a valid pixel are skipped
-    and counted in `skipped`. States are sums of per-image values (float64) plus the image count, so they
-    reduce by sum under DDP.
+    and counted in `skipped`. With align_max_res the fit uses copies downsampled by `align_downsample` (see
+    align_depth_lstsq; `upstream_width`, the default, is how the published numbers were made). States are sums
+    of per-image values (float64) plus the image count, so they reduce by sum under DDP.
     """
 
     full_state_update = False
@@ -37,6 +38,7 @@ class DepthMetrics(Metric):
         alignment: Literal["least_squares", "none"] = "least_squares",
         align_max_res: int | None = None,
         mask_gt_range: bool = True,
+        align_downsample: AlignDownsample = "upstream_width",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -46,8 +48,11 @@ class DepthMetrics(Metric):
             raise ValueError(f"alignment must be 'least_squares' or 'none', got {alignment!r}")
         if align_max_res is not None and align_max_res < 1:
             raise ValueError(f"align_max_res must be a positive int or None, got {align_max_res}")
+        if align_downsample not in ("upstream_width", "isotropic"):
+            raise ValueError(f"align_downsample must be 'upstream_width' or 'isotropic', got {align_downsample!r}")
         self.min_depth, self.max_depth = float(min_depth), float(max_depth)
         self.alignment, self.align_max_res, self.mask_gt_range = alignment, align_max_res, mask_gt_range
+        self.align_downsample = align_downsample
         self.add_state("sums", torch.zeros(len(DEPTH_METRICS), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("skipped", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
@@ -62,7 +67,7 @@ class DepthMetrics(Metric):
             dims = tuple(range(1, g.dim()))
             n = m.sum(dims)
             if self.alignment == "least_squares":
-                p = align_depth_lstsq(p, g, m, self.align_max_res)
+                p = align_depth_lstsq(p, g, m, self.align_max_res, self.align_downsample)
             p = torch.where(m, p.clamp(self.min_depth, self.max_depth).clamp(min=1e-6), 1)
             g = torch.where(m, g, 1)
             n_safe = n.clamp(min=1).float()

@@ -1,6 +1,9 @@
+import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 
-from lightning_modules.alignment import align_depth_lstsq, least_squares_scale_shift
+from lightning_modules.alignment import _downsample_upstream_width, align_depth_lstsq, least_squares_scale_shift
 
 
 def _data(seed: int = 0, shape=(3, 1, 12, 16)):
@@ -93,3 +96,53 @@ def test_gradient_matches_textbook_normal_equations():
     (s.sum() + 2 * t.sum()).backward()
     assert torch.allclose(s.double(), s_ref, atol=1e-4) and torch.allclose(t.double(), t_ref, atol=1e-4)
     assert torch.allclose(p2.grad.double(), p1.grad, atol=1e-3)
+
+
+def _marigold_reference(pred, gt, mask, max_res):
+    """Marigold's evaluation alignment done literally per image: [H,W] -> [1,H,W], torch.nn.Upsample, numpy lstsq."""
+    out = []
+    for p, g, m in zip(pred, gt, mask):
+        p2, g2, m2 = p.squeeze(), g.squeeze(), m.squeeze()
+        factor = np.min(max_res / np.array(p.shape[-2:]))
+        if factor < 1:
+            upsample = torch.nn.Upsample(scale_factor=factor, mode="nearest")  # reads [1,H,W] as (N, C, L)
+            p2, g2, m2 = upsample(p2[None]), upsample(g2[None]), upsample(m2[None].float()).bool()
+        x, y = p2[m2].double().numpy(), g2[m2].double().numpy()
+        (s, t), *_ = np.linalg.lstsq(np.stack([x, np.ones_like(x)], 1), y, rcond=None)
+        out.append(p.double() * s + t)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("shape, max_res", [((2, 1, 40, 60), 16), ((1, 1, 50, 30), 20), ((1, 1, 63, 95), 32)])
+def test_default_downsampling_reproduces_marigold_evaluation(shape, max_res):
+    g = torch.Generator().manual_seed(8)
+    gt = torch.rand(shape, generator=g) * 10 + 0.5
+    pred = 0.3 * gt + 0.5 + torch.randn(shape, generator=g)
+    mask = torch.rand(shape, generator=g) > 0.3
+    reference = _marigold_reference(pred, gt, mask, max_res)
+    aligned = align_depth_lstsq(pred, gt, mask, max_res)
+    torch.testing.assert_close(aligned.double(), reference, rtol=1e-6, atol=1e-6)
+    isotropic = align_depth_lstsq(pred, gt, mask, max_res, downsample="isotropic")
+    assert (isotropic - aligned).abs().max() > 1e-3  # the two rules fit different pixels
+
+
+def test_upstream_width_keeps_every_row_and_takes_column_floor_j_over_s():
+    x = torch.arange(8 * 12, dtype=torch.float32).view(1, 1, 8, 12)
+    small = _downsample_upstream_width(x, 6)  # s = min(6/8, 6/12) = 0.5
+    assert small.shape == (1, 1, 8, 6)
+    torch.testing.assert_close(small, x[..., [0, 2, 4, 6, 8, 10]], rtol=0, atol=0)
+
+
+def test_isotropic_option_fits_on_the_longest_side_resized_copies():
+    g = torch.Generator().manual_seed(9)
+    gt = torch.rand(2, 1, 40, 60, generator=g) * 10 + 0.5
+    pred = 0.3 * gt + 0.5 + torch.randn(gt.shape, generator=g)
+    mask = torch.rand(gt.shape, generator=g) > 0.3
+    aligned = align_depth_lstsq(pred, gt, mask, 15, downsample="isotropic")
+    down = [F.interpolate(x.float(), size=(10, 15), mode="nearest") for x in (pred, gt, mask)]
+    for i in range(2):
+        p, y = down[0][i][down[2][i].bool()].double(), down[1][i][down[2][i].bool()].double()
+        sol = torch.linalg.lstsq(torch.stack([p, torch.ones_like(p)], 1), y[:, None]).solution.flatten()
+        torch.testing.assert_close(aligned[i].double(), pred[i].double() * sol[0] + sol[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="upstream_width"):
+        align_depth_lstsq(pred, gt, mask, 15, downsample="bilinear")

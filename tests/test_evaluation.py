@@ -14,13 +14,16 @@ import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from datamodules import middlebury
+from datamodules.convert import marigold_eval
 from datamodules.datamodule import ShardDataModule
 from datamodules.shard_format import encode_sample
 from datamodules.shard_writer import ShardWriter
-from lightning_modules.evaluation import EvalSpec, crop_mask, prepare_input
+from lightning_modules.ensemble import DEPTH_ENSEMBLE_PRESETS
+from lightning_modules.evaluation import EvalSpec, check_protocol, crop_mask, prepare_input
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.tiny import TinySpec
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def depth_sample(index: int, height: int = 20, width: int = 28) -> tuple[dict, np.ndarray]:
@@ -188,6 +191,11 @@ def test_bad_specs_are_clear_errors():
         EvalSpec(crop=(0.5, 0.4, 0.0, 1.0))
     with pytest.raises(ValueError, match="processing_resolution"):
         EvalSpec(processing_resolution=-1)
+    with pytest.raises(ValueError, match="depth_ensemble must be one of"):
+        EvalSpec(depth_ensemble="scipy")
+    with pytest.raises(ValueError, match="align_downsample"):
+        EvalSpec(align_downsample="bilinear")
+    assert (EvalSpec().depth_ensemble, EvalSpec().align_downsample) == ("diffusers", "upstream_width")
     with pytest.raises(ValueError, match="for normals models"):
         GeometryEstimator(tiny=TinySpec(seed=0), evaluation=EvalSpec(dataset="ibims", task="normals"))
 
@@ -214,7 +222,70 @@ def test_eval_configs_pin_the_protocol(name):
     assert (spec.dataset, spec.task, spec.processing_resolution, spec.align_max_res) == (name, task, resolution, align)
     assert (spec.min_depth, spec.max_depth, spec.mask_gt_range) == (low, high, gt_range)
     assert spec.input_mode == ("dsine_minmax" if task == "normals" else "exact")
+    assert spec.align_downsample == "upstream_width" and spec.depth_ensemble in DEPTH_ENSEMBLE_PRESETS
+    if task == "depth":  # pinned in the file, not left to the default
+        assert config["model"]["init_args"]["evaluation"]["depth_ensemble"] == "diffusers"
     data = config["data"]["init_args"]
     assert data["test_shards"] == shards and data["shard_root"] == "data/shards"
     assert config["trainer"]["logger"]["init_args"]["name"] == f"eval/{name}"
     ShardDataModule(**data)  # the data section is valid as written
+
+
+def converter_metadata(name: str) -> dict:
+    """The eval_* metadata (plus height, width) the converters write for `name`, built from their constants."""
+    if name in marigold_eval.PROTOCOLS:
+        protocol = marigold_eval.PROTOCOLS[name]
+        low, high = protocol.clip_only or (protocol.min_depth, protocol.max_depth)
+        crops = {"nyuv2": ((480, 640), list(marigold_eval.NYU_EIGEN_CROP)),
+                 "kitti": ((352, 1216), list(marigold_eval.eigen_crop_box(352, 1216)))}  # fmt: skip
+        (height, width), crop = crops.get(name, ((480, 640), None))
+        return dict(
+            eval_protocol="marigold_depth", eval_min_depth=low, eval_max_depth=high, eval_crop=crop,
+            eval_mask="file" if protocol.clip_only else "range+eigen_crop" if crop else "range",
+            eval_processing_resolution=protocol.processing_resolution, eval_alignment="least_squares",
+            eval_alignment_max_res=protocol.alignment_max_res, height=height, width=width,
+        )  # fmt: skip
+    if name == "middlebury":
+        return dict(
+            eval_protocol="marigold_depth", eval_min_depth=middlebury.MIN_DEPTH, eval_max_depth=middlebury.MAX_DEPTH,
+            eval_mask="range", eval_crop=None, eval_processing_resolution=middlebury.PROCESSING_RESOLUTION,
+            eval_alignment="least_squares", eval_alignment_max_res=None, height=500, width=741,
+        )  # fmt: skip
+    return dict(
+        eval_protocol="dsine_normals", eval_mask="norm>0.5", eval_processing_resolution=0, eval_alignment="none"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in (ROOT / "configs/eval").glob("*.yaml")))
+def test_eval_configs_agree_with_the_converters(name):
+    config = yaml.safe_load((ROOT / f"configs/eval/{name}.yaml").read_text())
+    assert check_protocol(config["model"]["init_args"]["evaluation"], converter_metadata(name)) == []
+
+
+def test_check_protocol_reports_each_mismatch():
+    eth3d = converter_metadata("eth3d")
+    good = dict(dataset="eth3d", task="depth", processing_resolution=756, align_max_res=1024, min_depth=1e-5,
+                max_depth=math.inf)  # fmt: skip
+    assert check_protocol(EvalSpec(**good), eth3d) == check_protocol(good, eth3d) == []
+    bad = {**good, "task": "normals", "processing_resolution": 768, "align_max_res": None, "max_depth": 80.0}
+    problems = check_protocol(bad, eth3d)
+    assert [p.split(":")[0] for p in problems] == ["task", "processing_resolution", "align_max_res", "max_depth"]
+    assert "spec 768, shards 756" in problems[1]
+    assert check_protocol({**good, "min_depth": None}, eth3d)[0].startswith("min_depth: spec None")
+    assert check_protocol(good, {**eth3d, "eval_alignment": "none"})[0].startswith("alignment:")
+    assert check_protocol(good, {"source": "hypersim"})[0].startswith("eval_protocol:")
+
+
+def test_check_protocol_crop_and_clip_only_ranges():
+    nyu = converter_metadata("nyuv2")
+    spec = dict(dataset="nyuv2", min_depth=1e-3, max_depth=10.0, crop=[0.09375, 0.98125, 0.0640625, 0.9390625])
+    assert check_protocol(spec, nyu) == []
+    assert check_protocol({**spec, "crop": [0.1, 0.98125, 0.0640625, 0.9390625]}, nyu) == [
+        "crop: spec box [48, 471, 41, 601], shards [45, 471, 41, 601]"
+    ]
+    assert check_protocol(spec, {**nyu, "eval_crop": None})[0].startswith("crop:")
+    assert check_protocol({**spec, "crop": None}, nyu) == []  # the shards' mask already holds the crop
+    diode = converter_metadata("diode")
+    clip_only = dict(dataset="diode", processing_resolution=640, min_depth=0.6, max_depth=350.0)
+    assert check_protocol({**clip_only, "mask_gt_range": False}, diode) == []
+    assert check_protocol(clip_only, diode)[0].startswith("mask_gt_range:")

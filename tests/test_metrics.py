@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_modules.alignment import align_depth_lstsq
 from lightning_modules.metrics import DEPTH_METRICS, NORMAL_METRICS, DepthMetrics, NormalMetrics
 
 MIN_D, MAX_D = 1e-3, 10.0
@@ -175,3 +176,17 @@ def test_normals_vs_numpy_reference_merge_and_autocast():
         got = [out[k].item() for k in NORMAL_METRICS]
         assert got[:3] == pytest.approx(ref[:3], abs=6e-3)
         assert got[3:] == pytest.approx(ref[3:], abs=1e-4)  # exact counts, float32 output
+
+
+@pytest.mark.parametrize("downsample", ["upstream_width", "isotropic"])
+def test_depth_align_downsample_is_threaded_to_the_fit(downsample):
+    pred, gt, mask = _depth_batch(5, b=2, h=40, w=60)
+    metric = DepthMetrics(MIN_D, MAX_D, align_max_res=20, align_downsample=downsample)
+    metric.update(pred, gt, mask)
+    valid = mask & (gt > MIN_D) & (gt < MAX_D)
+    prealigned = DepthMetrics(MIN_D, MAX_D, alignment="none")
+    prealigned.update(align_depth_lstsq(pred, gt, valid, 20, downsample), gt, mask)
+    assert metric.compute() == prealigned.compute()
+    assert DepthMetrics(MIN_D, MAX_D, align_max_res=20).align_downsample == "upstream_width"
+    with pytest.raises(ValueError, match="align_downsample"):
+        DepthMetrics(MIN_D, MAX_D, align_downsample="bicubic")
