@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from experiments.__main__ import main
 from experiments.config_defaults import expand_config_defaults
+from lightning_modules.module import GeometryEstimator
+from lightning_modules.objectives import DiffusionObjective
 from tests.helpers import ROOT, tiny_run_args
 
 
@@ -24,7 +29,8 @@ def test_fit_checkpoint_then_validate(tmp_path, shard_cache):
     assert fit.trainer.global_step == 4
     ckpt_path = fit.trainer.checkpoint_callback.last_model_path
     checkpoint = torch.load(ckpt_path, weights_only=False)
-    assert not any(k.startswith("vae.") for k in checkpoint["state_dict"])
+    assert not any(k.startswith("core.vae.") for k in checkpoint["state_dict"])
+    assert any(k.startswith("core.unet.") for k in checkpoint["state_dict"])
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
     assert "val/abs_rel" in fit.trainer.callback_metrics
 
@@ -78,8 +84,25 @@ def test_test_and_predict_subcommands(tmp_path, shard_cache):
     args = tiny_run_args(tmp_path, "e2e_depth_tiny", shard_cache)
     tested = main(["test", *args])
     assert "test/abs_rel" in tested.trainer.callback_metrics
+    tables = list((tmp_path / "runs").rglob("metrics_val.md"))
+    assert len(tables) == 1 and "AbsRel (%)" in tables[0].read_text()
     predicted = main(["predict", *args])
     outputs = predicted.trainer.predict_loop.predictions
     depth = torch.cat([o["depth"] for o in outputs])
     keys = [k for o in outputs for k in o["key"]]
     assert depth.shape == (len(keys), 1, 32, 48) and 0 <= depth.min() and depth.max() <= 1
+    # PredictionWriter: the files `infer` writes, one stem per sample key, in the run folder
+    folder = Path(predicted.trainer.log_dir) / "predictions"
+    for key, expected in zip(keys, depth):
+        np.testing.assert_array_equal(np.load(folder / f"{key}_depth.npy"), expected[0].numpy())
+        assert (folder / f"{key}_depth_16bit.png").is_file() and (folder / f"{key}_depth_colored.png").is_file()
+    assert len(list(folder.glob("*_depth.npy"))) == len(keys)
+
+
+def test_checkpoint_rebuilds_its_objective_without_the_cli(tmp_path, shard_cache):
+    """A diffusion run's checkpoint loads as a diffusion model: the objective is in the saved hyperparameters."""
+    args = tiny_run_args(tmp_path, "diffusion_depth_tiny", shard_cache)
+    fit = main(["fit", *args, "--trainer.max_steps=1", "--model.init_args.objective.init_args.noise_levels=3"])
+    loaded = GeometryEstimator.load_from_checkpoint(fit.trainer.checkpoint_callback.last_model_path, weights_only=False)
+    assert isinstance(loaded.objective, DiffusionObjective) and loaded.objective.noise_levels == 3
+    torch.testing.assert_close(loaded.core.unet.conv_out.weight, fit.model.core.unet.conv_out.weight)
