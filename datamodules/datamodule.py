@@ -5,11 +5,13 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from datamodules.shard_format import first_metadata
 from datamodules.mixture import MixedTrainStream, TrainSource, source_seed
 from datamodules.streams import TrainStream, ValidationStream
 from datamodules.synthetic import SyntheticSpec, ensure_synthetic
@@ -178,6 +180,11 @@ class ShardDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Every sample of the test shards (default: the validation shards), no subset."""
         return self._loader(ValidationStream(self._shards("test"), self.val_batch_size, self.min_depth, self.max_depth))
+
+    def shard_metadata(self, split: str = "test") -> dict[str, Any] | None:
+        """Metadata of the first sample of a split's first shard (its `eval_*` keys describe the protocol)."""
+        shards = self._shards(split)
+        return first_metadata(shards[0]) if shards else None
 
     def predict_dataloader(self) -> DataLoader:
         """The test shards, for `python -m experiments predict` (image folders: `experiments.infer`)."""

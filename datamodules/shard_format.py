@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,3 +154,13 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         normals /= np.maximum(np.linalg.norm(normals, axis=-1, keepdims=True), 1e-6)
         sample["normals"] = normals.astype(np.float32)
     return sample
+
+
+def first_metadata(shard: str | Path) -> dict[str, Any] | None:
+    """The metadata of a shard's first sample (only its `json` member is read), None if the shard has none."""
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                handle = tar.extractfile(member)
+                return json.loads(handle.read()) if handle is not None else None
+    return None

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import IterableDataset, default_collate
 
 from datamodules.shard_format import SampleFormatError, decode_sample
 from datamodules.targets import build_targets, hflip
@@ -32,16 +32,15 @@ PAD_KEY = "__pad__"
 
 
 def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialised, else from RANK/WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, world size): RANK/WORLD_SIZE when both are set, else torch.distributed, else (0, 1) (webdataset's rule)."""
+    rank, world, _, _ = wds.utils.pytorch_worker_info()
+    return rank, world
 
 
 def worker_rank() -> tuple[int, int]:
     """(worker id, number of workers) of the current dataloader worker, (0, 1) in the main process."""
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
+    _, _, worker, workers = wds.utils.pytorch_worker_info()
+    return worker, workers
 
 
 def shards_for(shards: list[str], rank: int, world: int, worker: int, workers: int) -> list[str]:
@@ -108,15 +107,8 @@ def _decoded(raw_samples: Iterable[dict[str, Any]], errors: SkipCounter, transfo
 
 
 def batches(samples: Iterable[dict[str, Any]], batch_size: int, drop_last: bool) -> Iterator[dict[str, Any]]:
-    """Group samples and collate them (tensors stacked, `key`/`source` strings become lists)."""
-    bucket: list[dict[str, Any]] = []
-    for sample in samples:
-        bucket.append(sample)
-        if len(bucket) == batch_size:
-            yield default_collate(bucket)
-            bucket = []
-    if bucket and not drop_last:
-        yield default_collate(bucket)
+    """Group samples with `wds.batched` and collate them (tensors stacked, `key`/`source` strings become lists)."""
+    return wds.batched(batch_size, collation_fn=default_collate, partial=not drop_last)(iter(samples))
 
 
 class TrainStream(IterableDataset):

@@ -86,8 +86,16 @@ def build_targets(
     }
 
 
+# Per batch key, the per-channel sign a horizontal flip applies after mirroring: the one place a target that is not a
+# plain raster says how it transforms (normals: x points image-left, so n_x changes sign). A new target key whose
+# values depend on the image's orientation adds its entry here (docs/extending.md).
+FLIP_SIGNS: dict[str, tuple[float, ...]] = {"normals": (-1.0, 1.0, 1.0)}
+
+
 def hflip(sample: dict[str, Any]) -> dict[str, Any]:
-    """Mirror every raster left-right; normals also get n_x negated (x points image-left)."""
+    """Mirror every raster left-right, then apply `FLIP_SIGNS` to the keys that have one."""
     flipped = {k: (v.flip(-1) if isinstance(v, Tensor) else v) for k, v in sample.items()}
-    flipped["normals"] = flipped["normals"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+    for key, signs in FLIP_SIGNS.items():
+        if key in flipped:
+            flipped[key] = flipped[key] * torch.tensor(signs).view(-1, 1, 1)
     return flipped

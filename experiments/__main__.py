@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from experiments.batch_size import EffectiveBatchSize
 from experiments.config_defaults import expand_config_defaults
+from experiments.protocol_check import require_matching_protocol
 from experiments.run_dir import pin_run_folder, resolve_ckpt_path
 from experiments.standin import resolve_pretrained
 
@@ -19,6 +20,10 @@ class ExperimentCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(EffectiveBatchSize, "batch")
         parser.add_argument("--defaults", type=list[str] | None, default=None, help="group configs (expanded)")
+        parser.add_argument(
+            "--allow_protocol_mismatch", type=bool, default=False,
+            help="test: evaluate even if the evaluation spec disagrees with the shards' eval_* metadata",
+        )  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
         # Already expanded into --config arguments; the saved config must not re-apply relative paths.
@@ -29,6 +34,10 @@ class ExperimentCLI(LightningCLI):
         if init_args is not None and isinstance(init_args.get("pretrained"), str):
             # `standin:sd2` -> the framework's own SD2-layout stand-in, built into the cache on first use
             init_args.pretrained = resolve_pretrained(init_args.pretrained)
+
+    def before_test(self) -> None:
+        allow = bool(self.config["test"].get("allow_protocol_mismatch"))
+        require_matching_protocol(self.model, self.datamodule, allow)
 
     def before_fit(self) -> None:
         config = self.config_init["fit"]

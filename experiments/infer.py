@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             result = predict(
-                model.core, model.task, rgb[None], resolution, args.ensemble, spec, args.batch_size, bf16=args.bf16
-            )
+                model.core, model.task, rgb[None], resolution, args.ensemble, spec, args.batch_size,
+                ensemble_options=model.task.ensemble_options(model.evaluation), bf16=args.bf16,
+            )  # fmt: skip
             uncertainty = result["uncertainty"]
             model.task.write_outputs(
                 args.output / stem, result[task][0].cpu(), uncertainty[0].cpu() if uncertainty is not None else None

@@ -32,8 +32,9 @@ class EvalSpec:
         depth_ensemble: name of the `DEPTH_ENSEMBLE_PRESETS` entry that fuses depth members when
             ensemble_size > 1: `diffusers` (reproduces the published ensembles), `exact_gradient`, `marigold_v1_0`
             (docs/method.md §5.5).
-        min_depth, max_depth: clip range of aligned depth, also the ground-truth range unless `mask_gt_range` is
-            false; None = the model's `eval_min_depth` / `eval_max_depth`.
+        min_depth, max_depth: clip range of aligned depth in metres, also the ground-truth range unless
+            `mask_gt_range` is false (the one place an evaluation's depth range is set; the defaults suit the
+            synthetic rooms and Hypersim-style validation).
         mask_gt_range: restrict depth metrics to ground truth inside (min_depth, max_depth); false for DIODE,
             whose range only clips predictions.
         align_max_res: fit the least-squares scale/shift on nearest-downsampled copies with this long edge
@@ -47,12 +48,12 @@ class EvalSpec:
     """
 
     dataset: str = "val"
-    task: Literal["depth", "normals"] | None = None
+    task: str | None = None
     processing_resolution: int = 0
     ensemble_size: int = 1
     depth_ensemble: str = "diffusers"
-    min_depth: float | None = None
-    max_depth: float | None = None
+    min_depth: float = 1e-3
+    max_depth: float = 80.0
     mask_gt_range: bool = True
     align_max_res: int | None = None
     align_downsample: AlignDownsample = "upstream_width"
@@ -74,8 +75,6 @@ class EvalSpec:
                     f"crop (top, bottom, left, right) needs 0 <= top < bottom <= 1 and 0 <= left < right <= 1, "
                     f"got {self.crop}"
                 )
-        if self.task not in (None, "depth", "normals"):
-            raise ValueError(f"task must be 'depth', 'normals' or None, got {self.task!r}")
         if self.input_mode not in ("exact", "dsine_minmax"):
             raise ValueError(f"input_mode must be 'exact' or 'dsine_minmax', got {self.input_mode!r}")
         if self.depth_ensemble not in DEPTH_ENSEMBLE_PRESETS:
@@ -171,8 +170,8 @@ def check_protocol(spec: EvalSpec | Mapping[str, Any], shard_metadata: Mapping[s
         if key not in meta:
             continue
         theirs = unbounded if meta[key] is None else float(meta[key])  # null = unbounded in the shards
-        if ours is None or not (ours == theirs or math.isclose(ours, theirs, rel_tol=1e-9)):
-            problems.append(f"{name}: spec {ours} (None = the model's default), shards {theirs}")
+        if not (ours == theirs or math.isclose(ours, theirs, rel_tol=1e-9)):
+            problems.append(f"{name}: spec {ours}, shards {theirs}")
     # A file mask with a clip-only range (DIODE): masking ground truth by the range would drop valid pixels.
     if meta.get("eval_mask") == "file" and spec.mask_gt_range:
         problems.append("mask_gt_range: spec true, but the shards' mask comes from a file and the range only clips")

@@ -7,7 +7,6 @@ The maths lives elsewhere: `core.GeometryCore` (VAE, UNet, scheduler), `tasks` (
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import lightning as L
@@ -113,13 +112,7 @@ class GeometryEstimator(L.LightningModule):
 
     def configure_metrics(self) -> None:
         """One metric collection per stage, cloned so states never mix."""
-        spec = self.evaluation
-        spec = dataclasses.replace(  # TODO(one source): EvalSpec's own defaults
-            spec,
-            min_depth=1e-3 if spec.min_depth is None else spec.min_depth,
-            max_depth=80.0 if spec.max_depth is None else spec.max_depth,
-        )
-        self.val_metrics = self.task.make_metrics(spec)
+        self.val_metrics = self.task.make_metrics(self.evaluation)
         self.test_metrics = self.val_metrics.clone()
         self.val_images, self.test_images = SumMetric(), SumMetric()  # images evaluated, padding excluded
         self.test_results: tuple[dict[str, float], int] | None = None  # read by MetricTableWriter
@@ -156,7 +149,7 @@ class GeometryEstimator(L.LightningModule):
         bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
         return predict(
             self.core, self.task, images, spec.processing_resolution, spec.ensemble_size, self.inference,
-            len(images), bf16=bf16,
+            len(images), ensemble_options=self.task.ensemble_options(spec), bf16=bf16,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------- stages

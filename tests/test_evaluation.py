@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import csv
 import math
 from pathlib import Path
@@ -49,8 +50,9 @@ def write_depth_set(folder: Path, count: int, height: int = 20, width: int = 28)
 
 def oracle_depth(model: GeometryEstimator) -> GeometryEstimator:
     """Replace the network by the image's channel mean, an affine function of the true depth (see depth_sample)."""
-    model.encode = lambda rgb: rgb  # the "latent" is the image itself
-    model.predict_from_latent = lambda z, spec=None: z.mean(dim=1, keepdim=True).clamp(-1, 1)
+    model.core.encode = lambda rgb: rgb  # the "latent" is the image itself, sampling and decoding keep it
+    model.core.sample = lambda z, spec: z
+    model.core.decode = lambda z: z  # DepthTask.from_decoded takes the channel mean, clamped to [-1, 1]
     return model
 
 
@@ -74,7 +76,7 @@ def test_perfect_up_to_affine_prediction_scores_zero_through_the_protocol(tmp_pa
     write_depth_set(tmp_path / "set", 3)  # 20x28: padded to 24x32 for the VAE and unpadded
     model = oracle_depth(copy.deepcopy(depth_model))
     model.evaluation = EvalSpec(dataset="oracle", min_depth=1e-3, max_depth=10.0)
-    model.configure_metrics(1e-3, 80.0)
+    model.configure_metrics()
     metrics, folder = run_test(model, tmp_path / "set", tmp_path)
     assert metrics["test/abs_rel"] < 1e-5 and metrics["test/rmse"] < 1e-4
     assert metrics["test/delta1"] == 1.0 and metrics["test/images"] == 3
@@ -93,7 +95,7 @@ def test_clip_range_is_applied_to_aligned_predictions(tmp_path, depth_model):
     model = oracle_depth(copy.deepcopy(depth_model))
     # The range clips predictions only (DIODE style), so ground truth beyond 2 m still counts.
     model.evaluation = EvalSpec(dataset="clipped", min_depth=1e-3, max_depth=2.0, mask_gt_range=False)
-    model.configure_metrics(1e-3, 80.0)
+    model.configure_metrics()
     metrics, folder = run_test(model, tmp_path / "set", tmp_path)
     # Aligned prediction = ground truth, clipped at 2 m: AbsRel = mean of max(g - 2, 0) / g, per image, then mean.
     per_image = [float(np.mean(np.maximum(d[d > 0] - 2.0, 0) / d[d > 0])) for d in depths]
@@ -110,7 +112,7 @@ def test_padding_in_a_two_rank_simulation_is_not_counted(tmp_path, monkeypatch, 
     model = oracle_depth(copy.deepcopy(depth_model))
     # Clipping at 2 m makes every metric non-trivial and different per image.
     model.evaluation = EvalSpec(dataset="ddp", min_depth=1e-3, max_depth=2.0, mask_gt_range=False)
-    model.configure_metrics(1e-3, 80.0)
+    model.configure_metrics()
 
     def evaluate(rank: int, world: int) -> tuple:
         monkeypatch.setenv("RANK", str(rank))
@@ -150,8 +152,9 @@ def test_normal_errors_are_pooled_over_pixels_not_images(tmp_path):
         writer.write(normals_sample("b", (128, 128, 255), [(1, 1), (2, 2), (3, 3)]))
     model = GeometryEstimator(tiny=TinySpec(seed=0), task="normals", evaluation=EvalSpec(dataset="pooled"))
     facing = torch.nn.functional.normalize(torch.tensor([128, 128, 255.0]) / 255 * 2 - 1, dim=0)
-    model.encode = lambda rgb: rgb
-    model.predict_from_latent = lambda z, spec=None: facing.view(1, 3, 1, 1).expand(z.shape[0], 3, *z.shape[-2:])
+    model.core.encode = lambda rgb: rgb
+    model.core.sample = lambda z, spec: z
+    model.core.decode = lambda z: facing.view(1, 3, 1, 1).expand(z.shape[0], 3, *z.shape[-2:])
     metrics, folder = run_test(model, tmp_path / "set", tmp_path)
     left = torch.nn.functional.normalize(torch.tensor([255, 128, 128.0]) / 255 * 2 - 1, dim=0)
     angle = math.degrees(math.acos(float(left @ facing)))  # about 89.8 degrees
@@ -200,31 +203,33 @@ def test_bad_specs_are_clear_errors():
         GeometryEstimator(tiny=TinySpec(seed=0), evaluation=EvalSpec(dataset="ibims", task="normals"))
 
 
-# dataset -> (task, processing resolution, align_max_res, min, max, mask_gt_range, shards): docs/method.md §6.1 / §6.2
+# dataset -> (task, shards). The protocol values themselves live in configs/eval/*.yaml only; the test below checks
+# them against what the converters write (check_protocol), the converter tests pin the converters' constants.
 PROTOCOLS = {
-    "nyuv2": ("depth", 0, None, 1e-3, 10.0, True, "nyuv2/test-*.tar"),
-    "kitti": ("depth", 0, None, 1e-5, 80.0, True, "kitti/test-*.tar"),
-    "eth3d": ("depth", 756, 1024, 1e-5, math.inf, True, "eth3d/test-*.tar"),
-    "scannet": ("depth", 0, None, 1e-3, 10.0, True, "scannet/test-*.tar"),
-    "diode": ("depth", 640, None, 0.6, 350.0, False, "diode/val-*.tar"),
-    "nyuv2_normals": ("normals", 0, None, None, None, True, "nyuv2_normals/test-*.tar"),
-    "scannet_normals": ("normals", 0, None, None, None, True, "scannet_normals/test-*.tar"),
-    "ibims": ("normals", 0, None, None, None, True, "ibims/test-*.tar"),
-    "sintel": ("normals", 0, None, None, None, True, "sintel/test-*.tar"),
+    "nyuv2": ("depth", "nyuv2/test-*.tar"),
+    "kitti": ("depth", "kitti/test-*.tar"),
+    "eth3d": ("depth", "eth3d/test-*.tar"),
+    "scannet": ("depth", "scannet/test-*.tar"),
+    "diode": ("depth", "diode/val-*.tar"),
+    "nyuv2_normals": ("normals", "nyuv2_normals/test-*.tar"),
+    "scannet_normals": ("normals", "scannet_normals/test-*.tar"),
+    "ibims": ("normals", "ibims/test-*.tar"),
+    "sintel": ("normals", "sintel/test-*.tar"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))
-def test_eval_configs_pin_the_protocol(name):
+def test_eval_configs_are_complete(name):
     config = yaml.safe_load((ROOT / f"configs/eval/{name}.yaml").read_text())
     spec = EvalSpec(**config["model"]["init_args"]["evaluation"])
-    task, resolution, align, low, high, gt_range, shards = PROTOCOLS[name]
-    assert (spec.dataset, spec.task, spec.processing_resolution, spec.align_max_res) == (name, task, resolution, align)
-    assert (spec.min_depth, spec.max_depth, spec.mask_gt_range) == (low, high, gt_range)
+    task, shards = PROTOCOLS[name]
+    assert (spec.dataset, spec.task) == (name, task)
     assert spec.input_mode == ("dsine_minmax" if task == "normals" else "exact")
     assert spec.align_downsample == "upstream_width" and spec.depth_ensemble in DEPTH_ENSEMBLE_PRESETS
-    if task == "depth":  # pinned in the file, not left to the default
-        assert config["model"]["init_args"]["evaluation"]["depth_ensemble"] == "diffusers"
+    if task == "depth":  # pinned in the file, not left to the defaults
+        evaluation = config["model"]["init_args"]["evaluation"]
+        assert evaluation["depth_ensemble"] == "diffusers"
+        assert {"min_depth", "max_depth", "processing_resolution"} <= set(evaluation)
     data = config["data"]["init_args"]
     assert data["test_shards"] == shards and data["shard_root"] == "data/shards"
     assert config["trainer"]["logger"]["init_args"]["name"] == f"eval/{name}"
@@ -289,3 +294,26 @@ def test_check_protocol_crop_and_clip_only_ranges():
     clip_only = dict(dataset="diode", processing_resolution=640, min_depth=0.6, max_depth=350.0)
     assert check_protocol({**clip_only, "mask_gt_range": False}, diode) == []
     assert check_protocol(clip_only, diode)[0].startswith("mask_gt_range:")
+
+
+def test_cli_test_stops_when_the_protocol_disagrees_with_the_shards(tmp_path, shard_cache, capsys):
+    """`test` reads the shards' eval_* metadata and refuses a protocol they were not converted for."""
+    from experiments.__main__ import main
+    from tests.helpers import tiny_run_args
+
+    meta = dict(source="t", eval_protocol="marigold_depth", eval_min_depth=1e-3, eval_max_depth=10.0,
+                eval_mask="range", eval_crop=None, eval_processing_resolution=0, eval_alignment="least_squares",
+                eval_alignment_max_res=None)  # fmt: skip
+    with ShardWriter(tmp_path / "set", "test", 4) as writer:
+        for index in range(2):
+            sample, _ = depth_sample(index, 24, 32)
+            sample["json"] = json.dumps(meta).encode()
+            writer.write(sample)
+    args = [*tiny_run_args(tmp_path, "e2e_depth_tiny", shard_cache), f"--data.init_args.test_shards={tmp_path}/set/test-*.tar"]
+    with pytest.raises(SystemExit, match="does not match the test shards"):
+        main(["test", *args, "--model.init_args.evaluation.max_depth=80"])
+    tested = main(["test", *args, "--model.init_args.evaluation.max_depth=80", "--allow_protocol_mismatch=true"])
+    assert tested.trainer.callback_metrics["test/images"] == 2
+    assert "max_depth: spec 80.0, shards 10.0" in capsys.readouterr().out
+    agreed = main(["test", *args, "--model.init_args.evaluation.max_depth=10"])
+    assert agreed.trainer.callback_metrics["test/images"] == 2

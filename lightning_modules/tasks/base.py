@@ -72,6 +72,10 @@ class Task(ABC):
     def to_output(self, prediction: Tensor) -> Tensor:
         """Model conventions -> output conventions (what users and metrics get), float32."""
 
+    def ensemble_options(self, protocol: EvalSpec) -> dict[str, Any]:
+        """Keyword options of `ensemble` under an evaluation protocol (none by default)."""
+        return {}
+
     @abstractmethod
     def ensemble(self, members: Tensor, options: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
         """Fuse K members [K,C,h,w] of one image into a prediction [C,h,w] and an uncertainty [1,h,w] (or None)."""

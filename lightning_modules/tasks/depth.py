@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_modules.alignment import align_depth_lstsq
-from lightning_modules.ensemble import ensemble_depth
+from lightning_modules.ensemble import DEPTH_ENSEMBLE_PRESETS, ensemble_depth
 from lightning_modules.evaluation import EvalSpec
 from lightning_modules.image_io import write_depth, write_uncertainty
 from lightning_modules.losses import affine_invariant_l1
@@ -51,7 +51,7 @@ class DepthTask(Task):
     def make_metrics(self, protocol: EvalSpec) -> Metric:
         return DepthMetrics(
             protocol.min_depth, protocol.max_depth, align_max_res=protocol.align_max_res,
-            mask_gt_range=protocol.mask_gt_range,
+            mask_gt_range=protocol.mask_gt_range, align_downsample=protocol.align_downsample,
         )  # fmt: skip
 
     def update_metrics(self, metrics: Metric, prediction: Tensor, batch: dict[str, Tensor]) -> None:
@@ -64,6 +64,10 @@ class DepthTask(Task):
 
     def to_output(self, prediction: Tensor) -> Tensor:
         return (prediction.float() + 1) / 2
+
+    def ensemble_options(self, protocol: EvalSpec) -> dict[str, Any]:
+        """The protocol's solver preset (default `diffusers`, reproducing the published ensembles), median fusion."""
+        return {"reduction": "median", **DEPTH_ENSEMBLE_PRESETS[protocol.depth_ensemble]}
 
     def ensemble(self, members: Tensor, options: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
         return ensemble_depth(members, **options)
