@@ -11,8 +11,8 @@ import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from datamodules.shard_format import first_metadata
 from datamodules.mixture import MixedTrainStream, TrainSource, source_seed
+from datamodules.shard_format import first_metadata
 from datamodules.streams import TrainStream, ValidationStream
 from datamodules.synthetic import SyntheticSpec, ensure_synthetic
 

@@ -151,7 +151,13 @@ def ensure_synthetic(spec: SyntheticSpec, processes: int | None = None) -> dict[
         split: [
             str(p)
             for p in generate_synthetic_shards(
-                root / split, count, spec.height, spec.width, spec.seed, spec.samples_per_shard, split,
+                root / split,
+                count,
+                spec.height,
+                spec.width,
+                spec.seed,
+                spec.samples_per_shard,
+                split,
                 processes=min(processes, -(-count // spec.samples_per_shard)),
             )
         ]

@@ -23,10 +23,10 @@ import torch
 from tqdm import tqdm
 
 from experiments.__main__ import main as cli_main
+from lightning_modules.evaluation import EvalSpec
 from lightning_modules.inference import InferenceSpec
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.padding import drop_padding
-from lightning_modules.evaluation import EvalSpec
 from lightning_modules.predictor import predict
 
 COLUMNS = ("spacing", "steps", "ensemble", "unet_calls", "ms_per_image", "abs_rel", "delta1")
@@ -90,7 +90,13 @@ def run_row(model: GeometryEstimator, data: dict, spec: InferenceSpec, ensemble:
     for _ in range(args.repeats):
         started = time.perf_counter()
         result = predict(
-            model.core, model.task, data["rgb"], processing_resolution=0, ensemble_size=ensemble, spec=spec, batch_size=args.batch_size
+            model.core,
+            model.task,
+            data["rgb"],
+            processing_resolution=0,
+            ensemble_size=ensemble,
+            spec=spec,
+            batch_size=args.batch_size,
         )
         times.append(time.perf_counter() - started)
     protocol = EvalSpec(min_depth=data["min_depth"], max_depth=data["max_depth"])
@@ -131,7 +137,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data = validation_images(args.config, args.overrides, args.images)
     base = dataclasses.replace(model.inference, init_latent=args.init, seed=args.seed)
     # One untimed pass so lazy initialisation and allocator warm-up do not land in the first row.
-    predict(model.core, model.task, data["rgb"][:1], processing_resolution=0, spec=dataclasses.replace(base, num_steps=1))
+    predict(
+        model.core, model.task, data["rgb"][:1], processing_resolution=0, spec=dataclasses.replace(base, num_steps=1)
+    )
     grid = [(s, n, k) for s in args.spacings for n in args.steps for k in args.ensembles]
     rows = []
     for spacing, steps, ensemble in tqdm(grid, desc="settings"):

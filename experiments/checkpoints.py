@@ -61,7 +61,9 @@ def config_mismatches(configs: list[str], hparams: dict[str, Any]) -> list[str]:
             continue
         a, b = _normalised(key, wanted[key]), _normalised(key, hparams[key])
         if key == "objective" and isinstance(a, dict) and isinstance(b, dict):
-            same = a["class_path"] == b["class_path"] and all(b["init_args"].get(k) == v for k, v in a["init_args"].items())
+            same = a["class_path"] == b["class_path"] and all(
+                b["init_args"].get(k) == v for k, v in a["init_args"].items()
+            )
         elif key == "pretrained" and isinstance(a, str) and isinstance(b, str) and a.startswith("standin:"):
             same = True  # resolved to a cache folder when the run started
         else:

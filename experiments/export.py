@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> Path:
     )
     name = pipeline_class(model.task).__name__
     print(f"exported {name} to {folder.resolve()}")
-    print(f'usage: from diffusers import {name}; prediction = {name}.from_pretrained("{folder}")(image).prediction  # {model.task.pipeline_output}')
+    print(
+        f'usage: from diffusers import {name}; prediction = {name}.from_pretrained("{folder}")(image).prediction  # {model.task.pipeline_output}'
+    )
     return folder
 
 

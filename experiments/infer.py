@@ -124,9 +124,7 @@ def list_images(root: Path) -> list[tuple[Path, Path]]:
     stems = [p.relative_to(root).with_suffix("") for p in files]
     # a.png and a.jpg in one folder would overwrite each other's outputs: keep their extensions then.
     clashes = {s for s in stems if stems.count(s) > 1}
-    return [
-        (p, s.with_name(f"{s.name}_{p.suffix[1:].lower()}") if s in clashes else s) for p, s in zip(files, stems)
-    ]
+    return [(p, s.with_name(f"{s.name}_{p.suffix[1:].lower()}") if s in clashes else s) for p, s in zip(files, stems)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,11 +158,12 @@ def evaluate_row(model, row: Row, synthetic: dict, middlebury, args: argparse.Na
 
     from experiments.benchmark_inference import run_row
     from lightning_modules.inference import InferenceSpec
-
     from lightning_modules.predictor import predict
 
     spec = InferenceSpec(num_steps=row.steps, spacing=row.spacing, init_latent=row.init, seed=1234)
-    predict(model.core, model.task, synthetic["rgb"][:1], processing_resolution=0, ensemble_size=row.ensemble, spec=spec)
+    predict(
+        model.core, model.task, synthetic["rgb"][:1], processing_resolution=0, ensemble_size=row.ensemble, spec=spec
+    )
     timing = run_row(model, synthetic, spec, row.ensemble, argparse.Namespace(repeats=args.repeats, batch_size=16))
     datamodule, eval_spec = middlebury
     model.inference = spec

@@ -159,8 +159,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )  # fmt: skip
     parser.add_argument("--rebuild", action="store_true", help="delete this setting's cache entry and build anew")
     parser.add_argument("--samples", type=Path, default=None, help="also write a PNG grid of 8 prior samples here")
-    parser.add_argument("--reconstructions", type=Path, default=None,
-                        help="also write a PNG of held-out RGB / depth / normals and their reconstructions here")
+    parser.add_argument(
+        "--reconstructions",
+        type=Path,
+        default=None,
+        help="also write a PNG of held-out RGB / depth / normals and their reconstructions here",
+    )
     return parser.parse_known_args(argv)
 
 

@@ -51,7 +51,9 @@ def load_pretrained_components(name_or_path: str) -> Components:
         scheduler_config = DDPMScheduler.load_config(name_or_path, subfolder="scheduler")
     except (OSError, ValueError) as err:
         # jsonargparse shows only this message, not the chain: carry the cause (missing folder, no network, ...).
-        where = "the folder exists" if Path(name_or_path).is_dir() else "no such local folder, so it was tried as a hub id"
+        where = (
+            "the folder exists" if Path(name_or_path).is_dir() else "no such local folder, so it was tried as a hub id"
+        )
         raise ValueError(
             f"Could not load a diffusers-format model from {name_or_path!r} ({where}): expected unet/, vae/, "
             f"text_encoder/, tokenizer/ and scheduler/ subfolders (offline? pass a local folder). Cause: "

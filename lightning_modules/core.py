@@ -6,8 +6,8 @@ switch on the scheduler's prediction type is `PARAMETERIZATIONS` (docs/method.md
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel

@@ -91,7 +91,9 @@ def text_components(
         parts = build_tiny_components(_as_tiny_spec(tiny))
         text_encoder, tokenizer = parts.text_encoder, parts.tokenizer
     else:
-        raise ValueError("neither a text source nor a tiny architecture: pass tokenizer_source to recover the text encoder")
+        raise ValueError(
+            "neither a text source nor a tiny architecture: pass tokenizer_source to recover the text encoder"
+        )
     # The pipeline always embeds "" unpadded ([BOS, EOS]); a 77-token model would be conditioned differently.
     reference = core.empty_text_embedding.detach().float().cpu()
     embedding = empty_prompt_embedding(text_encoder.float().cpu().eval(), tokenizer, "none")
@@ -131,7 +133,9 @@ def export_to_diffusers(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty: choose another folder or pass overwrite (--overwrite)")
+        raise FileExistsError(
+            f"{out_dir} exists and is not empty: choose another folder or pass overwrite (--overwrite)"
+        )
     cls = pipeline_class(task)
     if processing_resolution % core.vae_scale_factor:
         raise ValueError(f"processing_resolution must be a multiple of {core.vae_scale_factor} (0 = native)")

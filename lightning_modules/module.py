@@ -232,5 +232,3 @@ def _as_dataclass(cls: type, value: Any) -> Any:
     if value is None:
         return cls()
     return cls(**value) if isinstance(value, dict) else value
-
-

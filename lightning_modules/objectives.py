@@ -36,7 +36,9 @@ def valid_latent_mask(mask: Tensor, factor: int, channels: int) -> Tensor:
 class Objective:
     """Computes the training loss of one micro-batch; returns (loss, extra scalars to log)."""
 
-    def training_loss(self, core: GeometryCore, task: Task, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_loss(
+        self, core: GeometryCore, task: Task, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
 
@@ -58,7 +60,9 @@ class DiffusionObjective(Objective):
         self.noise_levels = noise_levels
         self.annealed = annealed
 
-    def training_loss(self, core: GeometryCore, task: Task, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_loss(
+        self, core: GeometryCore, task: Task, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         z_rgb = core.encode(batch["rgb"])
         z_0 = core.encode(task.target_image(batch))
         steps = core.num_train_timesteps
@@ -84,7 +88,10 @@ class E2EObjective(Objective):
     """
 
     def __init__(
-        self, noise: Literal["zeros", "gaussian", "pyramid"] = "zeros", timestep: int = 999, pyramid_strength: float = 0.9
+        self,
+        noise: Literal["zeros", "gaussian", "pyramid"] = "zeros",
+        timestep: int = 999,
+        pyramid_strength: float = 0.9,
     ) -> None:
         if noise not in ("zeros", "gaussian", "pyramid"):
             raise ValueError(f"noise must be zeros, gaussian or pyramid, got {noise!r}")
@@ -99,7 +106,9 @@ class E2EObjective(Objective):
             return torch.randn_like(like)
         return pyramid_noise(like.shape, self.pyramid_strength, device=like.device, dtype=like.dtype)
 
-    def training_loss(self, core: GeometryCore, task: Task, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_loss(
+        self, core: GeometryCore, task: Task, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         z_rgb = core.encode(batch["rgb"])
         z_t = self.initial_latent(z_rgb)
         t = torch.full((z_rgb.shape[0],), self.timestep, device=z_rgb.device, dtype=torch.long)
@@ -110,8 +119,15 @@ class E2EObjective(Objective):
 def objective_config(objective: Objective) -> dict[str, Any]:
     """`{"class_path", "init_args"}` of an objective, the form configs and checkpoints store."""
     cls = type(objective)
-    names = [n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind == p.POSITIONAL_OR_KEYWORD]
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(objective, n) for n in names}}
+    names = [
+        n
+        for n, p in inspect.signature(cls.__init__).parameters.items()
+        if n != "self" and p.kind == p.POSITIONAL_OR_KEYWORD
+    ]
+    return {
+        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "init_args": {n: getattr(objective, n) for n in names},
+    }
 
 
 def build_objective(spec: Objective | dict[str, Any] | None) -> Objective:

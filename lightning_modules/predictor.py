@@ -116,7 +116,9 @@ def predict(
         raise ValueError(f"ensemble_size and batch_size must be >= 1, got {ensemble_size} and {batch_size}")
     low, high = float(images.min()), float(images.max())
     if low < -1e-3 or high > 1 + 1e-3:
-        raise ValueError(f"images must be in [0, 1] (got values in [{low:.3g}, {high:.3g}]; map [-1, 1] by (x + 1) / 2)")
+        raise ValueError(
+            f"images must be in [0, 1] (got values in [{low:.3g}, {high:.3g}]; map [-1, 1] by (x + 1) / 2)"
+        )
     global _warned_identical_members
     spec = spec or InferenceSpec()
     if ensemble_size > 1 and spec.init_latent == "zeros" and not _warned_identical_members:

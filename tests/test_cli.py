@@ -24,7 +24,9 @@ def test_fit_fast_dev_run(tmp_path, shard_cache, model):
 
 def test_fit_checkpoint_then_validate(tmp_path, shard_cache):
     args = tiny_run_args(tmp_path, "e2e_depth_tiny", shard_cache)
-    fit = main(["fit", *args, "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--batch.effective_batch_size=4"])
+    fit = main(
+        ["fit", *args, "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--batch.effective_batch_size=4"]
+    )
     assert fit.trainer.accumulate_grad_batches == 2  # 4 = micro-batch 2 x 1 device x 2
     assert fit.trainer.global_step == 4
     ckpt_path = fit.trainer.checkpoint_callback.last_model_path
@@ -86,8 +88,8 @@ def test_test_and_predict_subcommands(tmp_path, shard_cache):
     assert "test/abs_rel" in tested.trainer.callback_metrics
     tables = list((tmp_path / "runs").rglob("metrics_val.md"))
     assert len(tables) == 1 and "AbsRel (%)" in tables[0].read_text()
-    predicted = main(["predict", *args])
-    outputs = predicted.trainer.predict_loop.predictions
+    predicted = main(list(args), run=False)
+    outputs = predicted.trainer.predict(predicted.model, datamodule=predicted.datamodule)  # public return value
     depth = torch.cat([o["depth"] for o in outputs])
     keys = [k for o in outputs for k in o["key"]]
     assert depth.shape == (len(keys), 1, 32, 48) and 0 <= depth.min() and depth.max() <= 1

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -35,7 +35,9 @@ def depth_sample(index: int, height: int = 20, width: int = 28) -> tuple[dict, n
     mask = np.ones((height, width), bool)
     mask[: 2 + index, :3] = False  # a different valid count per image
     rgb = np.repeat(level[..., None], 3, axis=-1).astype(np.uint8)
-    return encode_sample(f"d{index}", rgb, depth.astype(np.float32), mask, meta={"source": "t"}), np.where(mask, depth, 0)
+    return encode_sample(f"d{index}", rgb, depth.astype(np.float32), mask, meta={"source": "t"}), np.where(
+        mask, depth, 0
+    )
 
 
 def write_depth_set(folder: Path, count: int, height: int = 20, width: int = 28) -> list[np.ndarray]:
@@ -308,7 +310,10 @@ def test_cli_test_stops_when_the_protocol_disagrees_with_the_shards(tmp_path, sh
             sample, _ = depth_sample(index, 24, 32)
             sample["json"] = json.dumps(meta).encode()
             writer.write(sample)
-    args = [*tiny_run_args(tmp_path, "e2e_depth_tiny", shard_cache), f"--data.init_args.test_shards={tmp_path}/set/test-*.tar"]
+    args = [
+        *tiny_run_args(tmp_path, "e2e_depth_tiny", shard_cache),
+        f"--data.init_args.test_shards={tmp_path}/set/test-*.tar",
+    ]
     with pytest.raises(SystemExit, match="does not match the test shards"):
         main(["test", *args, "--model.init_args.evaluation.max_depth=80"])
     tested = main(["test", *args, "--model.init_args.evaluation.max_depth=80", "--allow_protocol_mismatch=true"])

@@ -17,13 +17,13 @@ from PIL import Image
 
 from experiments.export import main as export_main
 from lightning_modules.export import pipeline_class
-from tests.helpers import export_model
-from tests.toy_task import ToyDisparityTask
 from lightning_modules.inference import InferenceSpec, inference_scheduler, sample_latent
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.tasks import build_task
 from lightning_modules.tiny import TinySpec
 from lightning_modules.visualize import normals_to_rgb
+from tests.helpers import export_model
+from tests.toy_task import ToyDisparityTask
 
 
 @pytest.fixture(autouse=True)
@@ -362,6 +362,7 @@ def test_export_refuses_a_non_empty_folder_and_replaces_atomically(
     with pytest.raises(FileExistsError, match="overwrite"):
         export_model(model, out, processing_resolution=64)
     assert (out / "notes.txt").read_text() == "mine"  # nothing touched
+
     # A failing export leaves the old folder exactly as it was and no temporary folder behind.
     def broken(self, *args, **kwargs):
         raise OSError("disk full")

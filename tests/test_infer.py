@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning
@@ -16,11 +15,11 @@ import yaml
 from PIL import Image
 
 from experiments.infer import main
-from tests.helpers import export_model
 from lightning_modules.image_io import read_image, write_depth
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.predictor import predict
 from lightning_modules.tiny import TinySpec
+from tests.helpers import export_model
 
 GOOD = {"rgb": (40, 56), "gray16": (33, 47), "rgba": (30, 30), "sub/photo": (24, 36)}
 
@@ -107,9 +106,7 @@ def test_folder_from_checkpoint(
     assert "warning: skipping" in captured.err and "broken.png" in captured.err
 
 
-def test_diffusers_folder_uses_its_defaults_and_task(
-    trained: GeometryEstimator, inputs: Path, tmp_path: Path
-) -> None:
+def test_diffusers_folder_uses_its_defaults_and_task(trained: GeometryEstimator, inputs: Path, tmp_path: Path) -> None:
     folder = export_model(trained, tmp_path / "depth_pipeline", processing_resolution=32)
     image = inputs / "rgb.png"
     assert run("--model", folder, "--input", image, "--output", tmp_path / "out") == 0
@@ -130,9 +127,7 @@ def test_diffusers_folder_uses_its_defaults_and_task(
     assert run(*args, "--task", "depth") == 1  # contradicts the folder
 
 
-def test_checkpoint_with_run_config(
-    trained: GeometryEstimator, inputs: Path, tmp_path: Path
-) -> None:
+def test_checkpoint_with_run_config(trained: GeometryEstimator, inputs: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "weights_only.ckpt"
     torch.save({"state_dict": {k: v for k, v in trained.state_dict().items() if not k.startswith("vae.")}}, ckpt)
     config = tmp_path / "config.yaml"

@@ -5,8 +5,7 @@ import torch
 
 from lightning_modules.inference import inference_scheduler
 from lightning_modules.module import GeometryEstimator
-from lightning_modules.objectives import DiffusionObjective, E2EObjective, masked_mse
-from lightning_modules.objectives import valid_latent_mask
+from lightning_modules.objectives import DiffusionObjective, E2EObjective, masked_mse, valid_latent_mask
 from lightning_modules.tiny import TinySpec
 from tests.helpers import fake_batch
 
@@ -111,10 +110,15 @@ def test_checkpoint_state_excludes_frozen_vae(model):
 
 def test_checkpoint_from_before_the_core_loads(model):
     """Checkpoints written before the model core existed stored unet.* and empty_text_embedding at the top."""
-    legacy = {k.removeprefix("core."): v.clone() + 1 for k, v in model.state_dict().items() if k.startswith("core.unet.")}
+    legacy = {
+        k.removeprefix("core."): v.clone() + 1 for k, v in model.state_dict().items() if k.startswith("core.unet.")
+    }
     checkpoint = {"state_dict": legacy}
     model.on_load_checkpoint(checkpoint)
-    assert all(k.startswith("core.") for k in checkpoint["state_dict"]) and "core.vae.decoder.conv_out.weight" in checkpoint["state_dict"]
+    assert (
+        all(k.startswith("core.") for k in checkpoint["state_dict"])
+        and "core.vae.decoder.conv_out.weight" in checkpoint["state_dict"]
+    )
 
 
 def test_stochastic_prediction_does_not_depend_on_batch_position(model):

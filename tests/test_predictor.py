@@ -6,12 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from diffusers.pipelines.marigold.marigold_image_processing import MarigoldImageProcessor
 
 from lightning_modules import predictor
 from lightning_modules.inference import InferenceSpec
 from lightning_modules.module import GeometryEstimator
-from diffusers.pipelines.marigold.marigold_image_processing import MarigoldImageProcessor
-
 from lightning_modules.predictor import predict, processing_size
 from lightning_modules.tiny import TinySpec
 
@@ -44,8 +43,12 @@ def test_processing_size_keeps_aspect_and_truncates() -> None:
 
 @pytest.mark.parametrize("size", [(37, 53), (50, 70)])
 @pytest.mark.parametrize("resolution", [0, 32])
-def test_output_matches_input_size_and_range(depth_model: GeometryEstimator, size: tuple[int, int], resolution: int) -> None:
-    result = predict(depth_model.core, depth_model.task, images(2, *size), processing_resolution=resolution, batch_size=1)
+def test_output_matches_input_size_and_range(
+    depth_model: GeometryEstimator, size: tuple[int, int], resolution: int
+) -> None:
+    result = predict(
+        depth_model.core, depth_model.task, images(2, *size), processing_resolution=resolution, batch_size=1
+    )
     depth = result["depth"]
     assert depth.shape == (2, 1, *size) and depth.dtype == torch.float32
     assert depth.min() >= 0 and depth.max() <= 1
@@ -55,7 +58,15 @@ def test_output_matches_input_size_and_range(depth_model: GeometryEstimator, siz
 
 def test_unet_calls_are_steps_times_members_times_images(depth_model: GeometryEstimator) -> None:
     spec = InferenceSpec(num_steps=2, init_latent="gaussian")
-    result = predict(depth_model.core, depth_model.task, images(3, 24, 40), processing_resolution=0, ensemble_size=2, spec=spec, batch_size=2)
+    result = predict(
+        depth_model.core,
+        depth_model.task,
+        images(3, 24, 40),
+        processing_resolution=0,
+        ensemble_size=2,
+        spec=spec,
+        batch_size=2,
+    )
     assert result["unet_calls"] == 2 * 2 * 3
 
 
@@ -92,7 +103,9 @@ def test_deterministic_ensemble_warns_once(depth_model: GeometryEstimator, monke
     monkeypatch.setattr(predictor, "_warned_identical_members", False)
     with pytest.warns(UserWarning, match="every member is identical") as record:
         for _ in range(2):
-            result = predict(depth_model.core, depth_model.task, images(1, 16, 16), processing_resolution=0, ensemble_size=2)
+            result = predict(
+                depth_model.core, depth_model.task, images(1, 16, 16), processing_resolution=0, ensemble_size=2
+            )
     assert len(record) == 1
     assert torch.all(result["uncertainty"] == 0)
 

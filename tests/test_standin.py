@@ -8,12 +8,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-from tests.helpers import ROOT
 from experiments import standin
 from experiments.__main__ import main
 from lightning_modules.components import load_pretrained_components
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.standin_folder import save_sd2_folder
+from tests.helpers import ROOT
 
 TINY_DATA = str(ROOT / "tests/configs/tiny_data.yaml")
 # Small and fast: the tiny data, 3 steps, validation at the end.

@@ -2,9 +2,9 @@
 
 import torch
 
+from lightning_modules.evaluation import EvalSpec
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.objectives import DiffusionObjective, E2EObjective
-from lightning_modules.evaluation import EvalSpec
 from lightning_modules.tasks import DepthTask, NormalsTask
 from lightning_modules.tiny import TinySpec
 from tests.helpers import fake_batch

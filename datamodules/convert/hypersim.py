@@ -34,7 +34,14 @@ from typing import Any
 import numpy as np
 
 from datamodules.convert.common import (
-    SkipInput, make_key, normalise, png_normals, require, resize_nearest, resize_normals, resize_rgb,
+    SkipInput,
+    make_key,
+    normalise,
+    png_normals,
+    require,
+    resize_nearest,
+    resize_normals,
+    resize_rgb,
 )  # fmt: skip
 from datamodules.convert.runner import Dataset, Input, Skip, provenance
 from datamodules.shard_format import encode_sample

@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from datamodules.convert.common import (
-    SkipInput, box_mask, check_size, fit_depth_scale, kb_crop_box, make_key, read_png_units, read_rgb, require,
+    SkipInput,
+    box_mask,
+    check_size,
+    fit_depth_scale,
+    kb_crop_box,
+    make_key,
+    read_png_units,
+    read_rgb,
+    require,
     resize_rgb,
 )  # fmt: skip
 from datamodules.convert.runner import Dataset, Input, Skip, provenance

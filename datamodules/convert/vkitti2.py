@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 
 from datamodules.convert.common import (
-    SkipInput, check_size, kb_crop_box, make_key, normalise, png_normals, read_png_units, read_rgb, require,
+    SkipInput,
+    check_size,
+    kb_crop_box,
+    make_key,
+    normalise,
+    png_normals,
+    read_png_units,
+    read_rgb,
+    require,
 )  # fmt: skip
 from datamodules.convert.runner import Dataset, Input, Skip, provenance
 from datamodules.shard_format import encode_sample

@@ -42,7 +42,8 @@ class PredictionWriter(BasePredictionWriter):
             self.written += 1
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        total = int(trainer.strategy.reduce(torch.tensor(float(self.written), device=pl_module.device), reduce_op="sum"))
+        total = int(
+            trainer.strategy.reduce(torch.tensor(float(self.written), device=pl_module.device), reduce_op="sum")
+        )
         if trainer.is_global_zero:
             print(f"predict: wrote {total} predictions to {self.folder}")
-
