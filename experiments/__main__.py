@@ -7,8 +7,11 @@ import sys
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from experiments import cli_errors
 from experiments.batch_size import EffectiveBatchSize
+from experiments.cli_errors import USER_ERRORS, ConciseParser, exit_with
 from experiments.config_defaults import expand_config_defaults
+from experiments.console import add_step_progress_bar, announce_run_folder, silence_known_noise
 from experiments.protocol_check import require_matching_protocol
 from experiments.run_dir import pin_run_folder, resolve_ckpt_path
 from experiments.standin import resolve_pretrained
@@ -30,6 +33,7 @@ class ExperimentCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         config.defaults = None
         pin_run_folder(config.trainer)  # requeued SLURM jobs log, save and resume in one folder
+        add_step_progress_bar(config.trainer)
         init_args = config.model.get("init_args") if config.get("model") is not None else None
         if init_args is not None and isinstance(init_args.get("pretrained"), str):
             # `standin:sd2` -> the framework's own SD2-layout stand-in, built into the cache on first use
@@ -42,23 +46,39 @@ class ExperimentCLI(LightningCLI):
     def before_fit(self) -> None:
         config = self.config_init["fit"]
         config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), self.config["fit"].trainer.default_root_dir)
+        announce_run_folder(self.trainer, config.ckpt_path)
+
+
+silence_known_noise()
 
 
 def main(args: list[str] | None = None, run: bool = True) -> ExperimentCLI:
-    """Run the CLI in-process; `args` as on the command line (tests pass them, the shell leaves them None)."""
-    if args is None:  # from the shell: expand in place, since LightningCLI warns when given both
-        sys.argv[1:] = expand_config_defaults(sys.argv[1:])
-    else:
-        args = expand_config_defaults(list(args))
-    return ExperimentCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    """Run the CLI in-process; `args` as on the command line (tests pass them, the shell leaves them None).
+
+    User errors (a bad config value or key, a broken YAML file, a missing file) end in one message, not a traceback.
+    """
+    try:
+        if args is None:  # from the shell: expand in place, since LightningCLI warns when given both
+            sys.argv[1:] = expand_config_defaults(sys.argv[1:])
+            expanded = sys.argv[1:]
+        else:
+            args = expanded = expand_config_defaults(list(args))
+    except USER_ERRORS as error:
+        exit_with(error)
+    cli_errors.config_files[:] = [expanded[i + 1] for i, a in enumerate(expanded[:-1]) if a == "--config"]
+    try:
+        return ExperimentCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_class=ConciseParser,
+            args=args,
+            run=run,
+        )
+    except USER_ERRORS as error:
+        exit_with(error)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,13 @@ import yaml
 def _defaults_of(path: Path) -> list[Path]:
     if not path.is_file():
         return []
-    content = yaml.safe_load(path.read_text()) or {}
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path}{where}: not valid YAML ({problem})") from error
     if not isinstance(content, dict):
         return []
     entries = content.get("defaults") or []
