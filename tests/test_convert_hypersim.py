@@ -176,5 +176,5 @@ def test_command_line(raw: Path, tmp_path: Path, capsys):
     assert status == 0 and (out / "val-000000.tar").is_file()
     assert {s["meta"]["split"] for s in read_samples(out).values()} == {"val"}
     assert "skipped ai_001_001-cam_00-0002" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="raw hypersim folder"):
-        main(["hypersim", "--src", str(tmp_path / "missing"), "--out", str(out)])
+    assert main(["hypersim", "--src", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "raw hypersim folder not found" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from datamodules.convert import DATASETS, run_conversion
 
@@ -37,10 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     dataset = DATASETS[args.name]
     options = {k: v for k, v in vars(args).items() if k not in COMMON}
     prefix = args.prefix or options.get("partition") or options.get("split") or dataset.prefix
-    report = run_conversion(
-        dataset, args.src, args.out, split_list=args.split_list, workers=args.workers, shard_size=args.shard_size,
-        prefix=prefix, options=options, progress=not args.quiet,
-    )  # fmt: skip
+    try:
+        report = run_conversion(
+            dataset, args.src, args.out, split_list=args.split_list, workers=args.workers, shard_size=args.shard_size,
+            prefix=prefix, options=options, progress=not args.quiet,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Complete shards keep their final names; the shard in progress is only a `.tar.tmp` that a rerun rewrites.
+        done = len(list(Path(args.out).glob(f"{prefix}-*.tar")))
+        print(f"\ninterrupted: {done} complete shards in {args.out}; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0 if report.written else 1
 
 

@@ -206,4 +206,7 @@ DATASET = Dataset(
     name="hypersim", prefix="train", shard_size=256, list_inputs=list_inputs, convert=convert,
     summary="Hypersim raw HDF5 release -> 480x640 training shards (tone mapped, planar depth in mm, normals)",
     add_arguments=add_arguments,
+    layout="<scene>/images/scene_<cam>_final_hdf5/frame.NNNN.color.hdf5 and "
+    "<scene>/images/scene_<cam>_geometry_hdf5/frame.NNNN.{depth_meters,render_entity_id}.hdf5 "
+    "(e.g. ai_001_001/images/scene_cam_00_final_hdf5/frame.0000.color.hdf5)",
 )  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -68,6 +69,7 @@ class Dataset:
     convert: Converter
     summary: str
     add_arguments: Callable[[Any], None] | None = None
+    layout: str = ""  # the raw files expected under --src, printed when none are found
 
 
 @dataclass
@@ -89,12 +91,17 @@ def _convert_one(task: tuple[Converter, Input, dict[str, Any]]) -> tuple[dict[st
         return None, Skip(item.key, f"{type(err).__name__}: {err}", item.paths)
 
 
+def _ignore_interrupts() -> None:
+    """Worker processes leave Ctrl-C to the main process, which reports it once and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _ordered(tasks: list[Any], workers: int) -> Iterator[tuple[dict[str, Any] | None, Skip | None]]:
     """Results in task order; at most 2 x workers samples in flight so large samples do not pile up."""
     if workers <= 1:
         yield from map(_convert_one, tasks)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=_ignore_interrupts) as pool:
         window: deque[Future] = deque()
         pending = iter(tasks)
         for task in pending:
@@ -132,8 +139,9 @@ def run_conversion(
 ) -> Report:
     """Convert the raw dataset under `src` into shards in `out`; resume an interrupted run; report skips."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
+    expected = f"; expected under --src: {dataset.layout}" if dataset.layout else ""
     if not src.is_dir():
-        raise FileNotFoundError(f"raw {dataset.name} folder not found: {src}")
+        raise FileNotFoundError(f"raw {dataset.name} folder not found: {src}{expected}")
     if split_list is not None and not Path(split_list).is_file():
         raise FileNotFoundError(f"split list not found: {split_list}")
     shard_size, prefix, options = shard_size or dataset.shard_size, prefix or dataset.prefix, dict(options or {})
@@ -145,7 +153,9 @@ def run_conversion(
     if duplicates:
         raise ValueError(f"{dataset.name}: duplicate sample keys {duplicates[:5]}")
     if not inputs:
-        raise ValueError(f"{dataset.name}: no inputs found under {src} ({len(listing_skips)} skipped while listing)")
+        raise ValueError(
+            f"{dataset.name}: no inputs found under {src} ({len(listing_skips)} skipped while listing){expected}"
+        )
 
     state = out / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)

@@ -119,4 +119,7 @@ DATASET = Dataset(
     name="vkitti2", prefix="train", shard_size=256, list_inputs=list_inputs, convert=convert,
     summary="Virtual KITTI 2 -> 352x1216 training shards (KITTI benchmark crop, depth in cm, optional normals)",
     add_arguments=add_arguments,
+    layout="vkitti_2.0.3_rgb/SceneXX/<variation>/frames/rgb/Camera_K/rgb_NNNNN.jpg and "
+    "vkitti_2.0.3_depth/SceneXX/<variation>/frames/depth/Camera_K/depth_NNNNN.png side by side "
+    "(optional vkitti_DAG_normals/SceneXX/<variation>/frames/normal/Camera_K/normal_NNNNN.png)",
 )  # fmt: skip
