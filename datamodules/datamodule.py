@@ -1,9 +1,17 @@
-"""The LightningDataModule: WebDataset shards (or synthetic ones generated on first use) -> batches."""
+"""The LightningDataModule: WebDataset shards (or synthetic ones generated on first use) -> batches.
+
+Skipped data is totalled in the main process: every batch's `skipped` counts (the batch contract, filled by the
+streams in whichever dataloader worker) are added up per stage as the batch arrives, and `teardown` logs one line
+per stage, e.g. "validation read 120 samples, skipped 3: 2 bad_image, 1 truncated_shard" (a warning when something
+was skipped; per rank under DDP; the sanity check's batches are left out).
+"""
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +21,12 @@ from torch.utils.data import DataLoader
 
 from datamodules.mixture import MixedTrainStream, TrainSource, source_seed
 from datamodules.shard_format import first_metadata
-from datamodules.streams import TrainStream, ValidationStream
+from datamodules.streams import PAD_KEY, TrainStream, ValidationStream, distributed_rank
 from datamodules.synthetic import SyntheticSpec, ensure_synthetic
+from datamodules.targets import describe_skips, skip_totals
+
+log = logging.getLogger(__name__)
+STAGE_LABELS = {"train": "training", "validate": "validation", "test": "test", "predict": "predict"}
 
 
 def expand_shards(patterns: str | list[str] | None) -> list[str]:
@@ -30,6 +42,25 @@ def expand_shards(patterns: str | list[str] | None) -> list[str]:
                 raise FileNotFoundError(f"no shard file matches {missing[0] if missing else pattern!r}")
             found.extend(matches)
     return found
+
+
+def conversion_hint(pattern: str, root: str | None) -> str:
+    """The command that writes the shards `pattern` names (its first folder is the converter's name)."""
+    name = Path(pattern).parts[0] if len(Path(pattern).parts) > 1 else "<name>"
+    out = os.path.join(root, name) if root is not None else name
+    hint = f"python -m datamodules.convert {name} --src <raw {name} folder> --out {out}"
+    try:
+        from datamodules.convert import DATASETS
+    except ImportError:  # a converter's optional dependency is missing: the hint stays as it is
+        return hint
+    if name not in DATASETS:
+        base = max((n for n in DATASETS if name.startswith(f"{n}_")), key=len, default=None)
+        hint += (
+            f"\n  ({name!r} is not a converter name; "
+            + (f"it looks like a part of {base!r}, see `python -m datamodules.convert {base} --help`; " if base else "")
+            + f"converters: {', '.join(DATASETS)})"
+        )
+    return hint
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -101,6 +132,7 @@ class ShardDataModule(L.LightningDataModule):
         self.min_depth, self.max_depth = min_depth, max_depth
         self.synthetic = synthetic
         self.stream_start_step = 0  # optimiser step at which the current training stream started
+        self.data_totals: dict[str, dict[str, Any]] = {}  # per stage: samples read, skips by reason (main process)
 
     def _start_step(self) -> int:
         """The trainer's global step (restored from the checkpoint before Lightning asks for the dataloader)."""
@@ -112,20 +144,50 @@ class ShardDataModule(L.LightningDataModule):
         if self.synthetic is not None:
             ensure_synthetic(self.synthetic)
 
-    def _expand(self, patterns: str | list[str]) -> list[str]:
-        """Shard paths, relative patterns taken under `shard_root`."""
+    def _expand(self, patterns: str | list[str], split: str = "") -> list[str]:
+        """Shard paths, relative patterns taken under `shard_root`; missing ones name the conversion command."""
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-        if self.shard_root is not None:
-            root = os.path.expanduser(self.shard_root)
-            patterns = [os.path.join(root, os.path.expanduser(p)) for p in patterns]
-        return expand_shards(patterns)
+        root = os.path.expanduser(self.shard_root) if self.shard_root is not None else None
+        found = []
+        for pattern in patterns:
+            full = os.path.join(root, os.path.expanduser(pattern)) if root is not None else pattern
+            try:
+                found += expand_shards(full)
+            except FileNotFoundError as error:
+                under = f" under shard_root {self.shard_root!r}" if root is not None else ""
+                raise FileNotFoundError(
+                    f"{error.args[0]} (the {split + ' ' if split else ''}shards {pattern!r}{under}). "
+                    f"Convert the raw dataset first:\n  {conversion_hint(pattern, root)}"
+                ) from None
+        return found
+
+    def check_shards(self, split: str = "test") -> None:
+        """Raise FileNotFoundError (the expected pattern, the conversion command) if a split's shards are missing.
+
+        `split`: `train`, `val`, `test` or `predict` (the test shards, by default the validation ones), or `fit`
+        (train and val). Only configured shard patterns are checked: synthetic data is generated when first used.
+        Cheap (file names only), so a command can call it before it creates any run folder.
+        """
+        splits = {"fit": ("train", "val"), "predict": ("test",), "validate": ("val",)}.get(split, (split,))
+        for name in splits:
+            if name == "test" and self.test_patterns is None:
+                name = "val"
+            if name == "train" and self.train_sources:
+                for source in self.train_sources:
+                    self._expand(source.shards, f"train ({source.name})")
+                continue
+            patterns = {"train": self.train_patterns, "val": self.val_patterns, "test": self.test_patterns}.get(name)
+            if name not in ("train", "val", "test"):
+                raise ValueError(f"unknown split {split!r}: train, val, test, predict or fit")
+            if patterns is not None:
+                self._expand(patterns, name)
 
     def _shards(self, split: str) -> list[str]:
         if split == "test" and self.test_patterns is None:
             split = "val"
         patterns = {"train": self.train_patterns, "val": self.val_patterns, "test": self.test_patterns}[split]
         if patterns is not None:
-            return self._expand(patterns)
+            return self._expand(patterns, split)
         if self.synthetic is None:
             raise ValueError(f"no {split} shards configured")
         return ensure_synthetic(self.synthetic)[split]
@@ -137,7 +199,9 @@ class ShardDataModule(L.LightningDataModule):
         if not self.train_sources:
             return TrainStream(self._shards("train"), *settings, self.seed, *ranges)
         streams = {
-            s.name: TrainStream(self._expand(s.shards), *settings, source_seed(self.seed, s.name), *ranges)
+            s.name: TrainStream(
+                self._expand(s.shards, f"train ({s.name})"), *settings, source_seed(self.seed, s.name), *ranges
+            )
             for s in self.train_sources
         }
         return MixedTrainStream(streams, {s.name: s.probability for s in self.train_sources}, self.seed)
@@ -189,3 +253,45 @@ class ShardDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The test shards, for `python -m experiments predict` (image folders: `experiments.infer`)."""
         return self.test_dataloader()
+
+    # ------------------------------------------------------------------------------------- skip accounting
+    def _stage(self) -> str | None:
+        """The running stage's label (training, validation, test, predict), None in the sanity check or unknown."""
+        trainer = getattr(self, "trainer", None)
+        state = getattr(getattr(trainer, "state", None), "stage", None)
+        value = getattr(state, "value", state)
+        if value == "sanity_check":
+            return None
+        return STAGE_LABELS.get(value)
+
+    def record_batch(self, batch: Any, stage: str) -> None:
+        """Add a batch's real samples and its `skipped` counts to the totals of `stage`."""
+        if not isinstance(batch, dict):
+            return
+        totals = self.data_totals.setdefault(stage, {"samples": 0, "skipped": Counter()})
+        totals["samples"] += sum(1 for key in batch.get("key", ()) if key != PAD_KEY)
+        skipped = batch.get("skipped")
+        if skipped is not None:
+            totals["skipped"].update(skip_totals(skipped))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count each batch's samples and skips in the main process, whatever the number of workers."""
+        stage = self._stage()
+        if stage is not None:
+            self.record_batch(batch, stage)
+        return batch
+
+    def skip_report(self) -> list[str]:
+        """One line per stage seen: "validation read 120 samples, skipped 3: 2 bad_image, 1 truncated_shard"."""
+        rank, world = distributed_rank()
+        prefix = f"rank {rank}/{world}: " if world > 1 else ""
+        return [
+            f"{prefix}{stage} read {totals['samples']} samples, skipped {describe_skips(dict(totals['skipped']))}"
+            for stage, totals in self.data_totals.items()
+        ]
+
+    def teardown(self, stage: str) -> None:
+        """Log the totals of skipped data of the command that ends, then start counting afresh."""
+        for line, totals in zip(self.skip_report(), self.data_totals.values()):
+            log.log(logging.WARNING if sum(totals["skipped"].values()) else logging.INFO, "%s", line)
+        self.data_totals = {}

@@ -32,6 +32,14 @@ space, or `none`) and `eval_alignment_max_res` (long edge of the copies the alig
 For evaluation shards `min_depth` / `max_depth` are the range that built `mask.png` (an unbounded one is written as
 65536 x `depth_scale`), so applying them removes nothing more.
 
+A sample that breaks these rules is refused with a `SampleFormatError` whose `reason` names the rule for the skip
+counts (`datamodules.targets.SKIP_REASONS`): `missing_member`; `bad_image` (undecodable PNG, or the wrong kind:
+an 8-bit `depth.png`, an RGB `mask.png`); `size_mismatch` (rasters of different sizes); `bad_metadata` (`json`
+unreadable or not an object; `depth_scale` not a positive finite number; `min_depth` / `max_depth` not numbers, NaN,
+or min >= max, null meaning absent; `has_depth` not a boolean). A shard folder may hold a `manifest.json` giving
+each shard's sample count (`expected_samples`: the converters' and the synthetic generator's manifests), which
+lets the streams count the samples a truncated shard lost.
+
 Depth is planar (along the optical axis), not distance to the camera centre. PNG is lossless, so depth keeps
 `depth_scale` precision (1 mm by default, up to 65.535 m); a valid depth that does not fit 16 bits raises an
 error (choose a larger `depth_scale`); NaN, infinite, non-positive or masked depth is stored as 0 with mask 0.
@@ -43,19 +51,58 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import numbers
+import os
 import tarfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 REQUIRED_MEMBERS = ("rgb.png", "depth.png", "mask.png", "json")
 DEFAULT_DEPTH_SCALE = 0.001
 
 
+MANIFEST = "manifest.json"
+
+
 class SampleFormatError(ValueError):
-    """A sample that does not follow the shard format (missing member, wrong size, undecodable image)."""
+    """A sample that does not follow the shard format; `reason` is its skip reason (datamodules.targets.SKIP_REASONS)."""
+
+    def __init__(self, message: str, reason: str = "bad_sample") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_depth_scale(value: Any, key: str) -> float:
+    """`depth_scale` as a float, or a `bad_metadata` error naming the key (NaN, infinite, <= 0, not a number)."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise SampleFormatError(
+            f"{key}: depth_scale {value!r} is not a positive finite number (metres per depth unit, e.g. 0.001)",
+            "bad_metadata",
+        )
+    return float(value)
+
+
+def check_metadata(meta: dict[str, Any], key: str) -> None:
+    """Refuse metadata the decoder or the targets cannot use, with a `bad_metadata` reason and the offending value."""
+    check_depth_scale(meta.get("depth_scale", DEFAULT_DEPTH_SCALE), key)
+    for name in ("min_depth", "max_depth"):
+        value = meta.get(name)
+        if value is not None and (not _is_number(value) or math.isnan(value)):
+            raise SampleFormatError(f"{key}: {name} {value!r} is not a number of metres", "bad_metadata")
+    low, high = meta.get("min_depth"), meta.get("max_depth")
+    if low is not None and high is not None and not low < high:
+        raise SampleFormatError(f"{key}: min_depth {low!r} is not below max_depth {high!r}", "bad_metadata")
+    if not isinstance(meta.get("has_depth", True), bool):
+        raise SampleFormatError(f"{key}: has_depth {meta['has_depth']!r} is not true or false", "bad_metadata")
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -77,7 +124,7 @@ def encode_sample(
     if "." in key or "/" in key or not key:
         raise SampleFormatError(f"sample key {key!r} must be non-empty without '.' or '/' (WebDataset grouping)")
     meta = dict(meta or {})
-    scale = float(meta.setdefault("depth_scale", DEFAULT_DEPTH_SCALE))
+    scale = check_depth_scale(meta.setdefault("depth_scale", DEFAULT_DEPTH_SCALE), key)
     if depth.ndim != 2:
         raise SampleFormatError(f"{key}: depth must be HxW, got shape {depth.shape}")
     height, width = depth.shape
@@ -117,8 +164,10 @@ def _read_png(data: bytes, key: str, member: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.array(image)
+    except UnidentifiedImageError as err:
+        raise SampleFormatError(f"{key}: cannot decode {member}: not an image file", "bad_image") from err
     except Exception as err:  # PIL raises many types for corrupt data
-        raise SampleFormatError(f"{key}: cannot decode {member}: {err}") from err
+        raise SampleFormatError(f"{key}: cannot decode {member}: {type(err).__name__}: {err}", "bad_image") from err
 
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
@@ -126,30 +175,41 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     key = f"{raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
     missing = [m for m in REQUIRED_MEMBERS if m not in raw]
     if missing:
-        raise SampleFormatError(f"{key}: missing members {missing}")
+        raise SampleFormatError(f"{key}: missing members {missing}", "missing_member")
     try:
         meta = json.loads(raw["json"])
     except ValueError as err:
-        raise SampleFormatError(f"{key}: unreadable json metadata: {err}") from err
+        raise SampleFormatError(f"{key}: unreadable json metadata: {err}", "bad_metadata") from err
     if not isinstance(meta, dict):
-        raise SampleFormatError(f"{key}: json metadata must be an object, got {type(meta).__name__}")
+        raise SampleFormatError(f"{key}: json metadata must be an object, got {type(meta).__name__}", "bad_metadata")
+    check_metadata(meta, key)
     rgb = _read_png(raw["rgb.png"], key, "rgb.png")
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise SampleFormatError(f"{key}: rgb.png must be 8-bit RGB, got {rgb.dtype} {rgb.shape}")
+        raise SampleFormatError(f"{key}: rgb.png must be 8-bit RGB, got {rgb.dtype} {rgb.shape}", "bad_image")
     units = _read_png(raw["depth.png"], key, "depth.png")
     if units.ndim != 2 or units.dtype not in (np.uint16, np.int32):
-        raise SampleFormatError(f"{key}: depth.png must be 16-bit grayscale, got {units.dtype} {units.shape}")
+        raise SampleFormatError(
+            f"{key}: depth.png must be a 16-bit grayscale PNG (metres = value x depth_scale), got {units.dtype} "
+            f"{units.shape}" + (" (an 8-bit PNG)" if units.dtype == np.uint8 else ""),
+            "bad_image",
+        )
     depth = units.astype(np.float32) * np.float32(meta.get("depth_scale", DEFAULT_DEPTH_SCALE))
-    mask = _read_png(raw["mask.png"], key, "mask.png") > 127
+    stored_mask = _read_png(raw["mask.png"], key, "mask.png")
+    if stored_mask.ndim != 2:
+        raise SampleFormatError(f"{key}: mask.png must be 8-bit grayscale, got shape {stored_mask.shape}", "bad_image")
+    mask = stored_mask > 127
     if rgb.shape[:2] != depth.shape or mask.shape != depth.shape:
-        raise SampleFormatError(f"{key}: rgb {rgb.shape[:2]}, depth {depth.shape}, mask {mask.shape} differ in size")
+        raise SampleFormatError(
+            f"{key}: rgb {rgb.shape[:2]}, depth {depth.shape}, mask {mask.shape} differ in size", "size_mismatch"
+        )
     if meta.get("has_depth", True):
         mask &= depth > 0
     sample = {"key": str(raw.get("__key__", "?")), "rgb": rgb, "depth": depth, "mask": mask, "meta": meta}
     if "normals.png" in raw:
         quantised = _read_png(raw["normals.png"], key, "normals.png").astype(np.float32)
         if quantised.shape != rgb.shape:
-            raise SampleFormatError(f"{key}: normals.png must be 8-bit RGB {rgb.shape}, got {quantised.shape}")
+            reason = "size_mismatch" if quantised.shape[2:] == (3,) else "bad_image"
+            raise SampleFormatError(f"{key}: normals.png must be 8-bit RGB {rgb.shape}, got {quantised.shape}", reason)
         normals = quantised / 255 * 2 - 1
         normals /= np.maximum(np.linalg.norm(normals, axis=-1, keepdims=True), 1e-6)
         sample["normals"] = normals.astype(np.float32)
@@ -164,3 +224,71 @@ def first_metadata(shard: str | Path) -> dict[str, Any] | None:
                 handle = tar.extractfile(member)
                 return json.loads(handle.read()) if handle is not None else None
     return None
+
+
+@lru_cache(maxsize=256)
+def _manifest_counts(folder: str, stamp: float) -> dict[str, int]:
+    """Per-shard sample counts from a folder's manifest.json (`stamp`, its mtime, keys the cache)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(manifest, dict):
+        return {}
+    names = manifest.get("shards") or []
+    counts = manifest.get("samples_per_shard")
+    params = manifest.get("params") if isinstance(manifest.get("params"), dict) else {}
+    if isinstance(counts, list) and len(counts) == len(names):  # the converters (datamodules.convert.runner)
+        return {name: count for name, count in zip(names, counts) if isinstance(count, int)}
+    per, total = params.get("samples_per_shard"), params.get("num_samples")
+    if isinstance(per, int) and isinstance(total, int) and per > 0:  # the synthetic generator
+        return {name: max(0, min(per, total - k * per)) for k, name in enumerate(names)}
+    return {}
+
+
+def expected_samples(shard: str | Path) -> int | None:
+    """How many samples the shard was written with, from `manifest.json` next to it; None if no manifest says."""
+    path = Path(shard)
+    manifest = path.parent / MANIFEST
+    try:
+        stamp = manifest.stat().st_mtime
+    except OSError:
+        return None
+    return _manifest_counts(str(path.parent), stamp).get(path.name)
+
+
+@lru_cache(maxsize=4096)
+def _tar_damage(path: str, size: int, stamp: int) -> str | None:
+    try:
+        with tarfile.open(path, "r:") as tar:  # random access: reads the headers, seeks over the data
+            for _ in tar:
+                pass
+            end = tar.offset  # where reading stopped: the end-of-archive marker of a whole tar
+        with open(path, "rb") as handle:
+            handle.seek(end)
+            after = handle.read(1024)
+            handle.seek(max(size - 1024, 0))
+            tail = handle.read(1024)
+    except tarfile.TarError as error:
+        return f"{type(error).__name__}: {error}"
+    if end >= size or len(after) < 1024 or tail != bytes(1024):
+        return f"the tar ends at byte {size} without its end-of-archive marker: cut short"
+    if after != bytes(1024):
+        return f"unreadable tar header at byte {end} of {size}"
+    return None
+
+
+def tar_damage(shard: str | Path) -> str | None:
+    """Why a local `.tar` shard is not whole (None: whole, or not a local `.tar` file), from its headers only.
+
+    Catches what reading a tar as a stream takes for a normal end: a file cut at a member boundary (no
+    end-of-archive marker) and an unreadable header in the middle (reading stops there). Cached per file version.
+    """
+    path = str(shard)
+    if not path.endswith(".tar"):
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return _tar_damage(path, stat.st_size, stat.st_mtime_ns)

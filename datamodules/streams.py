@@ -6,6 +6,17 @@ fixed order on every rank; rank r keeps samples i with i % w == r (its workers t
 and pads with masked-out copies so every rank yields the same number of samples and batches (unequal counts
 deadlock DDP) while nothing is counted twice.
 
+Bad data never stops a pass and is never dropped silently: every sample lost is counted by reason
+(`datamodules.targets.SKIP_REASONS`), warned about with its key, shard and reason (training re-reads shards: a
+repeat of the same skip is logged at DEBUG), and handed on in the next sample's `skipped` counts (the batch
+contract), which reach the main process with the batch however many dataloader workers there are. A shard is read
+as a whole (`read_shard`): one that cannot be read counts `unreadable_shard`; one whose tar stops early (a read
+error, no end-of-archive marker, a bad header in the middle, fewer samples than its manifest lists) drops its
+partial last sample and counts `truncated_shard` for every sample lost, exactly from its folder's `manifest.json`
+when that gives the shard's count, else as 1 (a lower bound, logged as "at least 1"). Only rank 0's worker 0 counts
+shard-level skips of a validation pass (every rank and worker reads every shard); each sample's own skips are
+counted by the rank and worker it belongs to.
+
 Set `DGFT_SHARD_LOG=<file>` to append each stream's shard assignment as a JSON line (rank, worker, shards).
 """
 
@@ -17,6 +28,7 @@ import logging
 import math
 import os
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -24,8 +36,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, default_collate
 
-from datamodules.shard_format import SampleFormatError, decode_sample
-from datamodules.targets import build_targets, hflip
+from datamodules.shard_format import (
+    REQUIRED_MEMBERS,
+    SampleFormatError,
+    decode_sample,
+    expected_samples,
+    tar_damage,
+)
+from datamodules.targets import SKIP_REASONS, build_targets, describe_skips, hflip, no_skips, skip_row
 
 log = logging.getLogger(__name__)
 PAD_KEY = "__pad__"
@@ -68,41 +86,139 @@ def _record_assignment(split: str, rank: int, world: int, worker: int, shards: l
 
 
 def _describe(error: Exception) -> str:
-    """WebDataset appends the shard URL to an exception's args; show it plainly."""
+    """An exception as `Type: message`, without the stream object and URL webdataset appends to its args."""
     args = getattr(error, "args", ())
-    if len(args) >= 2 and isinstance(args[-1], str) and not isinstance(error, SampleFormatError):
-        return f"{type(error).__name__}: {args[0]} (shard {args[-1]})"
+    if args and not isinstance(error, SampleFormatError):
+        return f"{type(error).__name__}: {str(args[0]).split(' @ ')[0]}"
     return f"{type(error).__name__}: {error}"
 
 
-class SkipCounter:
-    """WebDataset error handler that logs and counts bad shards/samples instead of stopping the run."""
+class SkipLog:
+    """Counts skipped data per reason, warns about each skip, and hands the counts on to the next sample.
 
-    def __init__(self, limit: int | None) -> None:
-        self.limit, self.count, self.in_a_row = limit, 0, 0
+    `take()` returns the counts since its last call as a `skipped` row and clears them. With `limit`, more than
+    `limit` skips in a row without a good sample (`ok()`) raise: then nothing is readable. `quiet` logs at DEBUG
+    (a validation worker that reads shards only to find its own samples).
+    """
 
-    def __call__(self, error: Exception) -> bool:
-        self.count += 1
+    def __init__(self, stream: str, limit: int | None = None, quiet: bool = False) -> None:
+        self.stream, self.limit, self.quiet = stream, limit, quiet
+        self.totals: Counter[str] = Counter()
+        self.pending: Counter[str] = Counter()
+        self.in_a_row = 0
+        self._warned: set[tuple[str, ...]] = set()
+
+    @property
+    def count(self) -> int:
+        """Samples skipped so far, all reasons."""
+        return sum(self.totals.values())
+
+    def skip(self, reason: str, lost: int, message: str, where: tuple[str, ...]) -> None:
+        """Count `lost` samples for `reason`; warn (`where` identifies the skip, so repeats log at DEBUG)."""
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; add it to datamodules.targets.SKIP_REASONS")
+        self.totals[reason] += lost
+        self.pending[reason] += lost
         self.in_a_row += 1
-        log.warning("skipped unreadable data (%d so far): %s", self.count, _describe(error))
+        repeat = where in self._warned
+        if not repeat and len(self._warned) < 100_000:
+            self._warned.add(where)
+        level = logging.DEBUG if self.quiet or repeat else logging.WARNING
+        log.log(level, "%s stream: skipped %s (so far %s)", self.stream, message, describe_skips(self.totals))
         if self.limit is not None and self.in_a_row > self.limit:
             raise RuntimeError(
-                f"{self.in_a_row} read errors in a row without a good sample from any shard; last: {_describe(error)}"
-            ) from error
-        return True
+                f"{self.in_a_row} read errors in a row without a good sample from any shard; last: {message}"
+            )
+
+    def sample_error(self, error: SampleFormatError, raw: dict[str, Any]) -> None:
+        """Count one undecodable sample; its message names the key and the shard."""
+        url = str(raw.get("__url__"))
+        shard = "" if url in str(error) else f" (in {url})"
+        self.skip(
+            error.reason, 1, f"a sample [{error.reason}]: {error}{shard}", (url, str(raw.get("__key__")), error.reason)
+        )
 
     def ok(self) -> None:
         self.in_a_row = 0
 
+    def take(self) -> torch.Tensor:
+        row = skip_row(self.pending)
+        self.pending.clear()
+        return row
 
-def _decoded(raw_samples: Iterable[dict[str, Any]], errors: SkipCounter, transform: Callable) -> Iterator[dict]:
+
+def read_shard(url: str, skips: SkipLog) -> Iterator[dict[str, Any]]:
+    """The raw samples (WebDataset member dicts) of one shard; what cannot be read is counted in `skips`.
+
+    A shard whose tar stops early (a read error; no end-of-archive marker or a bad header in the middle, found by
+    `tar_damage`; fewer samples than its manifest lists) yields its complete samples and drops a partial last one;
+    the samples lost are counted from `manifest.json` when it gives the shard's count (exact), else as 1 (at least).
+    """
+    errors: list[Exception] = []
+
+    def handler(error: Exception) -> bool:
+        errors.append(error)
+        return True
+
+    read, held = 0, None
+    for sample in wds.tarfile_to_samples(handler=handler)([{"url": url}]):
+        if held is not None:
+            read += 1
+            yield held
+        held = sample
+    damage = None if errors else tar_damage(url)
+    expected = expected_samples(url)
+    if not errors and damage is None and (expected is None or read + (held is not None) >= expected):
+        if held is not None:
+            yield held
+        return
+    if held is not None and all(member in held for member in REQUIRED_MEMBERS):
+        read += 1  # the last sample is whole: the cut came after it
+        yield held
+        held = None
+    cause = _describe(errors[-1]) if errors else damage or "fewer samples than its manifest.json lists"
+    if read == 0 and held is None:
+        reason = "unreadable_shard"
+        lost = expected if expected is not None else 1
+        count = f"{expected} samples per manifest.json" if expected is not None else "at least 1 sample"
+        message = f"shard {url} [{reason}, {count}]: it cannot be read ({cause})"
+    else:
+        reason = "truncated_shard"
+        partial = "" if held is None else f"; its partial last sample {held.get('__key__')!r} is dropped"
+        if expected is not None:
+            lost = max(expected - read, 0)
+            message = (
+                f"{lost} samples of shard {url} [{reason}]: it stops early ({cause}) after {read} of its {expected} "
+                f"samples (manifest.json){partial}"
+            )
+        else:
+            lost = 1
+            message = (
+                f"at least 1 sample of shard {url} [{reason}]: it stops early ({cause}) after {read} complete samples"
+                f"{partial}; no manifest.json gives the shard's count, so samples after the cut are not counted"
+            )
+    if lost:
+        skips.skip(reason, lost, message, (url, reason))
+    else:
+        log.warning("%s stream: shard %s is damaged (%s) but all its samples were read", skips.stream, url, cause)
+
+
+def read_shards(urls: Iterable[str], skips: SkipLog) -> Iterator[dict[str, Any]]:
+    """`read_shard` over `urls` in order."""
+    for url in urls:
+        yield from read_shard(url, skips)
+
+
+def _decoded(raw_samples: Iterable[dict[str, Any]], errors: SkipLog, transform: Callable) -> Iterator[dict]:
+    """Decoded, transformed samples, each with the skip counts since the previous one as its `skipped` row."""
     for raw in raw_samples:
         try:
             sample = transform(decode_sample(raw))
         except SampleFormatError as err:
-            errors(err)
+            errors.sample_error(err, raw)
             continue
         errors.ok()
+        sample["skipped"] = errors.take()
         yield sample
 
 
@@ -156,10 +272,9 @@ class TrainStream(IterableDataset):
         _record_assignment("train", rank, world, worker, share)
         rng = random.Random(f"{self.seed}/{self.seed_offset}/{rank}/{worker}")
         # Enough consecutive failures to have tried every shard several times: then nothing is readable.
-        errors = SkipCounter(limit=10 * len(share) + 100)
-        urls = ({"url": rng.choice(share)} for _ in iter(int, 1))
-        raw = wds.tarfile_to_samples(handler=errors)(urls)
-        samples = _decoded(raw, errors, self._transform(rng))
+        errors = SkipLog("training", limit=10 * len(share) + 100)
+        urls = (rng.choice(share) for _ in iter(int, 1))
+        samples = _decoded(read_shards(urls, errors), errors, self._transform(rng))
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         return batches(samples, self.batch_size, drop_last=True)
@@ -190,7 +305,8 @@ class ValidationStream(IterableDataset):
         self.shards, self.batch_size = sorted(shards), batch_size
         self.min_depth, self.max_depth = min_depth, max_depth
         self.max_samples, self.keys = max_samples, keys
-        self.skipped = 0  # unreadable data in the last pass (main-process iteration only)
+        self.skipped = 0  # samples skipped in the last pass (main-process iteration only)
+        self.skip_counts: dict[str, int] = {}  # ... by reason
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world = distributed_rank()
@@ -201,19 +317,22 @@ class ValidationStream(IterableDataset):
     def _target(self, raw: dict[str, Any]) -> dict[str, Any]:
         return build_targets(decode_sample(raw), self.min_depth, self.max_depth, vae_factor=1)
 
-    def _raw(self, errors: SkipCounter) -> Iterator[dict[str, Any]]:
-        raw = wds.tarfile_to_samples(handler=errors)({"url": s} for s in self.shards)
+    def _raw(self, errors: SkipLog) -> Iterator[dict[str, Any]]:
+        raw = read_shards(self.shards, errors)
         if self.keys is not None:
             raw = (sample for sample in raw if sample.get("__key__") in self.keys)
         return raw if self.max_samples is None else itertools.islice(raw, self.max_samples)
 
     def _padded(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        errors = SkipCounter(limit=None)
+        errors = SkipLog("validation")
+        # Every rank and worker reads every shard: only one counts what is wrong with the shards themselves.
+        shard_errors = errors if rank == 0 and worker == 0 else SkipLog("validation", quiet=True)
         total = yielded = 0
-        template = None
+        template = held = None
         seen: set[str] = set()
-        # Streams the tar files (nothing held in memory); only this worker's samples are decoded.
-        for index, raw in enumerate(self._raw(errors)):
+        # Streams the tar files (nothing held in memory); only this worker's samples are decoded. Each sample is
+        # held back until the next, so that skips after this worker's last sample still ride on it.
+        for index, raw in enumerate(self._raw(shard_errors)):
             total += 1
             seen.add(raw.get("__key__"))
             if index % world != rank or (index // world) % workers != worker:
@@ -221,28 +340,43 @@ class ValidationStream(IterableDataset):
             try:
                 sample = self._target(raw)
             except SampleFormatError as err:
-                errors(err)
+                errors.sample_error(err, raw)
                 continue
+            sample["skipped"] = errors.take()
             template = template or sample
+            if held is not None:
+                yield held
+            held = sample
             yielded += 1
-            yield sample
-        self.skipped = errors.count
+        if held is not None:
+            held["skipped"] = held["skipped"] + errors.take()
+            yield held
+        self.skipped, self.skip_counts = errors.count, dict(errors.totals)
         if total == 0:
             selected = " with the selected keys" if self.keys is not None else ""
-            raise RuntimeError(f"no readable validation samples{selected} in {len(self.shards)} shards")
+            raise RuntimeError(
+                f"no readable validation samples{selected} in {len(self.shards)} shards"
+                + (f" (skipped {describe_skips(shard_errors.totals)})" if shard_errors.count else "")
+            )
         missing = sorted(self.keys - seen) if self.keys is not None and self.max_samples is None else []
         if missing and rank == 0 and worker == 0:
             log.warning("%d selected validation keys are not in the shards, e.g. %s", len(missing), missing[:3])
         # Rank r's j-th sample goes to worker j % workers; every rank owns ceil(total / world) slots.
         quota = len(range(worker, math.ceil(total / world), workers))
+        level = logging.WARNING if errors.count else logging.INFO
+        log.log(level, "validation pass, rank %d worker %d: read %d samples, skipped %s", rank, worker, yielded,
+                describe_skips(errors.totals))  # fmt: skip
         if yielded < quota and template is None:
             template = self._any_sample()
         for _ in range(quota - yielded):
-            yield pad_like(template)
+            pad = pad_like(template)
+            pad["skipped"] = errors.take()  # only counts that no real sample of this worker could carry
+            yield pad
 
     def _any_sample(self) -> dict[str, Any]:
         """Some decodable sample of the set, as the shape template for padding."""
-        for raw in self._raw(SkipCounter(limit=None)):
+        quiet = SkipLog("validation", quiet=True)
+        for raw in self._raw(quiet):
             try:
                 return self._target(raw)
             except SampleFormatError:
@@ -253,5 +387,5 @@ class ValidationStream(IterableDataset):
 def pad_like(sample: dict[str, Any]) -> dict[str, Any]:
     """A same-shaped stand-in sample with an empty mask: metrics skip it, so nothing is counted twice."""
     pad = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else v) for k, v in sample.items()}
-    pad["key"], pad["mask"] = PAD_KEY, torch.zeros_like(sample["mask"])
+    pad["key"], pad["mask"], pad["skipped"] = PAD_KEY, torch.zeros_like(sample["mask"]), no_skips()
     return pad

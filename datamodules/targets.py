@@ -5,6 +5,14 @@ Output keys (the batch contract, before batching): `rgb` [3,H,W] in [-1, 1]; `de
 pixels set to the 98th (the E2E loss target, metres); `depth_norm` [1,H,W] = 2 (depth_target - q2) / (q98 - q2) - 1
 clamped to [-1, 1] (near = -1; the diffusion target); `normals` [3,H,W] unit vectors, zeros where invalid or
 absent; `mask` bool [1,H,W]; `key`, `source` strings.
+
+The streams (datamodules.streams) add `skipped`: int64 [len(SKIP_REASONS)] per sample, [B, len(SKIP_REASONS)] per
+batch: column j counts the samples lost for reason `SKIP_REASONS[j]` by this dataloader worker's stream just before
+(since the previous sample it yielded), so `batch["skipped"].sum(0)` is what the batch's worker skipped since its
+previous batch, and summing it over all batches of a pass counts every skip once (shard-level skips of a
+validation pass are counted by rank 0 only; padding samples may carry counts, so sum before dropping padding).
+Counts are samples lost (a truncated shard counts every sample after the cut; an unreadable shard the samples its
+manifest lists, else 1).
 """
 
 from __future__ import annotations
@@ -15,6 +23,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from datamodules.shard_format import SampleFormatError
+
+# Why data was skipped, in the column order of the batch's `skipped` counts (the batch contract; a consumer that must
+# not import datamodules copies this tuple). Append new reasons at the end.
+SKIP_REASONS: tuple[str, ...] = (
+    "unreadable_shard",  # a shard that cannot be opened or read at all (missing, not a tar, empty)
+    "truncated_shard",  # samples lost after the point where a shard's tar stops (cut short or damaged)
+    "missing_member",  # a sample without rgb.png, depth.png, mask.png or json
+    "bad_image",  # an undecodable PNG or the wrong kind (8-bit depth.png, RGB mask.png)
+    "bad_metadata",  # unusable json: NaN / non-positive depth_scale, non-numeric min/max depth, ...
+    "size_mismatch",  # rasters of one sample with different sizes
+    "bad_size",  # a training image whose size is not a multiple of the VAE factor (8)
+    "bad_sample",  # any other violation of the shard format
+)
 _QUANTILE_LIMIT = 16_000_000  # torch.quantile refuses larger inputs
 
 
@@ -45,15 +67,18 @@ def build_targets(
     key = sample["key"]
     height, width = sample["depth"].shape
     if height % vae_factor or width % vae_factor:
-        raise ValueError(
-            f"{key}: image size {height}x{width} is not a multiple of {vae_factor}; resize or crop when converting"
+        raise SampleFormatError(
+            f"{key}: image size {height}x{width} is not a multiple of {vae_factor}; resize or crop when converting",
+            "bad_size",
         )
     rgb = torch.from_numpy(sample["rgb"]).permute(2, 0, 1).float() / 255 * 2 - 1
     depth = torch.from_numpy(np.ascontiguousarray(sample["depth"], dtype=np.float32))[None]
     mask = torch.from_numpy(np.asarray(sample["mask"], dtype=bool))[None]
     meta = sample.get("meta", {})
     has_depth = meta.get("has_depth", True)  # false: a normals-only sample, its stored mask is the normals' one
-    low, high = max(min_depth, meta.get("min_depth", min_depth)), min(max_depth, meta.get("max_depth", max_depth))
+    own_low, own_high = meta.get("min_depth"), meta.get("max_depth")  # null = absent (checked by decode_sample)
+    low = min_depth if own_low is None else max(min_depth, own_low)
+    high = max_depth if own_high is None else min(max_depth, own_high)
     if has_depth:
         mask &= torch.isfinite(depth) & (depth > low) & (depth < high)
     depth = torch.where(mask, depth, torch.zeros_like(depth))
@@ -84,6 +109,34 @@ def build_targets(
         "normals": normals,
         "mask": mask,
     }
+
+
+def no_skips() -> Tensor:
+    """A `skipped` row with nothing skipped."""
+    return torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+
+
+def skip_row(counts: dict[str, int]) -> Tensor:
+    """Counts by reason -> a `skipped` row (reasons outside SKIP_REASONS are an error)."""
+    unknown = set(counts) - set(SKIP_REASONS)
+    if unknown:
+        raise ValueError(f"unknown skip reasons {sorted(unknown)}; known: {SKIP_REASONS}")
+    return torch.tensor([int(counts.get(reason, 0)) for reason in SKIP_REASONS], dtype=torch.long)
+
+
+def skip_totals(skipped: Tensor) -> dict[str, int]:
+    """A `skipped` row or batch [B, R] -> {reason: count} of the reasons with a count (summed over samples)."""
+    totals = skipped.reshape(-1, len(SKIP_REASONS)).sum(0).tolist()
+    return {reason: int(n) for reason, n in zip(SKIP_REASONS, totals) if n}
+
+
+def describe_skips(totals: dict[str, int]) -> str:
+    """{reason: count} -> "3: 2 bad_image, 1 truncated_shard" (largest first), "none" when empty."""
+    total = sum(totals.values())
+    if not total:
+        return "none"
+    parts = sorted(((n, r) for r, n in totals.items() if n), key=lambda item: (-item[0], item[1]))
+    return f"{total}: " + ", ".join(f"{n} {r}" for n, r in parts)
 
 
 # Per batch key, the per-channel sign a horizontal flip applies after mirroring: the one place a target that is not a

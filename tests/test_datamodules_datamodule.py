@@ -10,6 +10,7 @@ import torch
 
 from datamodules.datamodule import ShardDataModule, expand_shards
 from datamodules.synthetic import SyntheticSpec, ensure_synthetic, generate_synthetic_shards
+from datamodules.targets import SKIP_REASONS
 
 
 def test_synthetic_shards_are_written_once_and_resumed(tmp_path):
@@ -49,6 +50,8 @@ def test_datamodule_batches_follow_the_contract(tmp_path):
     lengths = batch["normals"].norm(dim=1, keepdim=True)
     assert torch.allclose(lengths[mask], torch.ones(()), atol=1e-4) and (lengths[~mask] == 0).all()
     assert isinstance(batch["key"], list) and batch["source"] == ["synthetic", "synthetic"]
+    assert batch["skipped"].shape == (2, len(SKIP_REASONS)) and batch["skipped"].dtype == torch.long
+    assert not batch["skipped"].any()  # nothing skipped in whole shards
     assert sum(len(b["key"]) for b in dm.val_dataloader()) == 3
 
 

@@ -86,7 +86,7 @@ def test_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         keys = keys_read(stream, 12)
     assert keys == {f"s{i}" for i in range(4)}
-    assert "skipped unreadable data" in caplog.text and "train-bad2.tar" in caplog.text
+    assert "training stream: skipped shard" in caplog.text and "train-bad2.tar [unreadable_shard" in caplog.text
 
 
 def test_nothing_readable_is_a_clear_error(tmp_path):
