@@ -1,4 +1,8 @@
-"""Evaluation metrics as torchmetrics `Metric`s with sum-reduced states (docs/method.md §6.1 depth, §6.2 normals)."""
+"""Evaluation metrics as torchmetrics `Metric`s with sum-reduced states (docs/method.md §6.1 depth, §6.2 normals).
+
+Both expose `scored_images`: how many images this process has scored so far (images with at least one valid pixel;
+a local state, not synced), which `GeometryEstimator` counts as `val/images` / `test/images`.
+"""
 
 from __future__ import annotations
 
@@ -97,6 +101,11 @@ class DepthMetrics(Metric):
             self.count += keep.sum()
             self.skipped += (~keep).sum()
 
+    @property
+    def scored_images(self) -> Tensor:
+        """Images scored so far by this process (at least one valid pixel), unsynced."""
+        return self.count
+
     def compute(self) -> dict[str, Tensor]:
         """Mean over evaluated images of each metric (NaN if no image was evaluated)."""
         means = (self.sums / self.count.clamp(min=1)).float()
@@ -112,7 +121,7 @@ class NormalMetrics(Metric):
     (equal to arccos(clamp(cos_sim, −1, 1)) but accurate near 0° and 180° in float32); a zero-length vector
     counts as 90° like cos_sim = 0. The median comes from a sum-reduced histogram of 0.01° bins: it is the
     lower median (rank ⌈N/2⌉, torch.median convention) reported at its bin centre, i.e. within 0.005°.
-    Threshold values (a5 … a30, strict <) are percentages.
+    Threshold values (a5 … a30, strict <) are percentages. `images` counts the images with at least one valid pixel.
     """
 
     full_state_update = False
@@ -128,6 +137,12 @@ class NormalMetrics(Metric):
         self.add_state("sum_e2", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("below", torch.zeros(len(NORMAL_THRESHOLDS), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("images", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    @property
+    def scored_images(self) -> Tensor:
+        """Images scored so far by this process (at least one valid pixel), unsynced."""
+        return self.images
 
     def update(self, pred: Tensor, target: Tensor, mask: Tensor) -> None:
         """Accumulate one batch: pred and target [B,3,H,W] normals, mask bool [B,1,H,W]."""
@@ -137,13 +152,15 @@ class NormalMetrics(Metric):
             a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
             sin = torch.linalg.cross(a, b, dim=1).norm(dim=1)
             angle = torch.rad2deg(torch.atan2(sin, (a * b).sum(dim=1)))
-            e = torch.where(zero, 90.0, angle)[mask.bool().reshape(angle.shape)]
+            valid = mask.bool().reshape(angle.shape)
+            e = torch.where(zero, 90.0, angle)[valid]
             idx = (e / self.bin_width).long().clamp(0, self.num_bins - 1)
             self.hist += torch.bincount(idx, minlength=self.num_bins)
             self.sum_e += e.double().sum()
             self.sum_e2 += (e.double() ** 2).sum()
             self.below += torch.stack([(e < th).sum() for th in NORMAL_THRESHOLDS])
             self.count += e.numel()
+            self.images += valid.flatten(1).any(1).sum()
 
     def compute(self) -> dict[str, Tensor]:
         """Pooled mean, median, RMSE (degrees) and threshold percentages (NaN if no pixel was seen)."""

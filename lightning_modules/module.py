@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
@@ -31,6 +32,18 @@ from lightning_modules.tiny import TinySpec, build_tiny_components
 FROZEN_PREFIXES = ("core.vae.",)
 # Checkpoints written before the core existed kept these at the top level.
 _LEGACY_PREFIXES = ("unet.", "vae.", "empty_text_embedding")
+EMPTY_BATCH_WARN_EVERY = 10  # warn at the 1st, 11th, 21st, ... micro-batch without a valid pixel
+
+
+class NoValidPixelsError(RuntimeError):
+    """Training stopped: `max_empty_batches` consecutive micro-batches had no valid pixel (nothing to learn from).
+
+    A data or configuration problem, not a bug: the command line prints it without a traceback.
+    """
+
+
+class NoValidPixelsWarning(UserWarning):
+    """A training micro-batch, or a whole validation/test pass, had no valid pixel."""
 
 
 class GeometryEstimator(L.LightningModule):
@@ -54,6 +67,9 @@ class GeometryEstimator(L.LightningModule):
         evaluation: the dataset's evaluation protocol for validation, test and predict (resolution, depth range,
             alignment, crop, table name); not saved with the checkpoint's hyperparameters, so an evaluation config
             still applies when `--ckpt_path` restores the rest of the model from the checkpoint.
+        max_empty_batches: stop training with `NoValidPixelsError` after this many consecutive micro-batches without
+            a valid pixel (by the task's `valid_mask`, over all devices); 0 = never stop. Each such micro-batch is
+            counted (`train/empty_batches`) and warned about (every `EMPTY_BATCH_WARN_EVERY`-th).
     """
 
     def __init__(
@@ -75,6 +91,7 @@ class GeometryEstimator(L.LightningModule):
         inference: InferenceSpec | None = None,
         preview_batches: int = 2,
         evaluation: EvalSpec | None = None,
+        max_empty_batches: int = 50,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["objective", "evaluation"])
@@ -89,6 +106,12 @@ class GeometryEstimator(L.LightningModule):
                 f"this model predicts {self.task.name}"
             )
         self.preview_batches = preview_batches
+        if max_empty_batches < 0:
+            raise ValueError(f"max_empty_batches must be >= 0 (0 = never stop), got {max_empty_batches}")
+        self.max_empty_batches = max_empty_batches
+        self.empty_batches = 0  # micro-batches without a valid pixel, all of training (kept in checkpoints)
+        self.consecutive_empty = 0  # ... in a row, up to the current one
+        self.empty_since_step = 0  # optimiser step of the first of those
         self.configure_models(pretrained, tiny, conv_in_rule, prompt_padding, gradient_checkpointing)
         self.configure_metrics()
 
@@ -114,7 +137,8 @@ class GeometryEstimator(L.LightningModule):
         """One metric collection per stage, cloned so states never mix."""
         self.val_metrics = self.task.make_metrics(self.evaluation)
         self.test_metrics = self.val_metrics.clone()
-        self.val_images, self.test_images = SumMetric(), SumMetric()  # images evaluated, padding excluded
+        self.val_images, self.test_images = SumMetric(), SumMetric()  # images scored (a valid pixel), padding excluded
+        self.val_seen, self.test_seen = SumMetric(), SumMetric()  # images evaluated, scored or not, padding excluded
         self.test_results: tuple[dict[str, float], int] | None = None  # read by MetricTableWriter
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -154,6 +178,7 @@ class GeometryEstimator(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- stages
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        fraction = self._check_valid_pixels(batch)
         loss, extras = self.objective.training_loss(self.core, self.task, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -161,31 +186,90 @@ class GeometryEstimator(L.LightningModule):
             )
         batch_size = batch["rgb"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/valid_fraction", fraction, batch_size=batch_size)
+        self.log("train/empty_batches", float(self.empty_batches), batch_size=batch_size)
         for name, value in extras.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         return loss  # the learning rate is logged by LearningRateMonitor (configs/trainer/*.yaml)
 
-    def _evaluate(self, batch: dict[str, Any], metrics: Metric, images: Metric) -> dict[str, Any] | None:
-        """Metrics for the real samples of a batch (padding dropped); returns them with their prediction."""
+    def _check_valid_pixels(self, batch: dict[str, Tensor]) -> float:
+        """Fraction of valid pixels of the micro-batch over all devices; counts, warns about and, when it persists,
+        stops on micro-batches without any. The counts are summed over ranks, so every rank decides alike (a
+        rank raising alone would leave the others waiting in the gradient all-reduce)."""
+        valid = self.task.valid_mask(batch)
+        counts = torch.stack([valid.sum(), torch.tensor(valid.numel(), device=valid.device)]).double()
+        if self._trainer is not None:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        n_valid, n_total = counts.tolist()
+        if n_valid > 0:
+            self.consecutive_empty = 0
+            return n_valid / max(n_total, 1.0)
+        if self.consecutive_empty == 0:
+            self.empty_since_step = self.global_step
+        self.consecutive_empty += 1
+        self.empty_batches += 1
+        if self.max_empty_batches and self.consecutive_empty >= self.max_empty_batches:
+            raise NoValidPixelsError(
+                f"training stopped: {self.consecutive_empty} consecutive micro-batches (optimiser steps "
+                f"{self.empty_since_step} to {self.global_step}) had no valid pixel, so the loss was 0 and nothing was "
+                f"learned. {self._empty_causes()} Last batch keys: {_keys(batch)}. The limit is "
+                f"--model.init_args.max_empty_batches={self.max_empty_batches} (0 = never stop)."
+            )
+        if (self.empty_batches - 1) % EMPTY_BATCH_WARN_EVERY == 0:
+            limit = f"stops after {self.max_empty_batches} in a row" if self.max_empty_batches else "never stops"
+            rank_zero_warn(
+                f"micro-batch without a valid pixel at optimiser step {self.global_step} (batch keys {_keys(batch)}): "
+                f"its loss is 0. {self.empty_batches} such micro-batch(es) so far, {self.consecutive_empty} in a row "
+                f"(training {limit}, --model.init_args.max_empty_batches; this warning repeats every "
+                f"{EMPTY_BATCH_WARN_EVERY}). {self._empty_causes()}",
+                category=NoValidPixelsWarning,
+            )
+        return 0.0
+
+    def _empty_causes(self) -> str:
+        """The data settings to check when nothing is valid, with the datamodule's values where it has them."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        low, high = getattr(datamodule, "min_depth", None), getattr(datamodule, "max_depth", None)
+        depth_range = f" (now {low} to {high} m)" if low is not None and high is not None else ""
+        return (
+            f"Likely causes: empty or all-false masks in the shards; a ground-truth depth range that excludes every "
+            f"pixel, --data.init_args.min_depth / --data.init_args.max_depth{depth_range}, also tightened by each "
+            f"sample's min_depth/max_depth metadata; constant depth (no affine-invariant signal: build_targets masks "
+            f"such images out); for normals, samples without ground-truth normals."
+        )
+
+    def _evaluate(self, batch: dict[str, Any], metrics: Metric, images: Metric, seen: Metric) -> dict[str, Any] | None:
+        """Metrics for the real samples of a batch (padding dropped); returns them with their prediction.
+
+        `images` counts the images the metrics scored (`scored_images` of the metric; for a metric without it,
+        the images with a valid pixel by the task's mask), `seen` every real image."""
         batch = drop_padding(batch)
         if batch is None:
             return None
         prediction = self.evaluation_prediction(batch["rgb"])[self.task.name]
-        self.task.update_metrics(metrics, prediction, {**batch, "mask": crop_mask(batch["mask"], self.evaluation.crop)})
-        images.update(torch.tensor(float(len(batch["key"])), device=prediction.device))
+        scored_batch = {**batch, "mask": crop_mask(batch["mask"], self.evaluation.crop)}
+        before = getattr(metrics, "scored_images", None)
+        before = before.clone() if isinstance(before, Tensor) else None
+        self.task.update_metrics(metrics, prediction, scored_batch)
+        if before is not None:
+            scored = metrics.scored_images - before
+        else:
+            scored = self.task.valid_mask(scored_batch).flatten(1).any(1).sum()
+        images.update(scored.to(prediction.device, torch.float32))
+        seen.update(torch.tensor(float(len(batch["key"])), device=prediction.device))
         return {"batch": batch, "prediction": prediction}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
-        return self._evaluate(batch, self.val_metrics, self.val_images)  # PredictionPreviews draws some of these
+        return self._evaluate(batch, self.val_metrics, self.val_images, self.val_seen)  # PredictionPreviews draws some
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, self.val_images, "val")
+        self._log_metrics(self.val_metrics, self.val_images, self.val_seen, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, self.test_images)
+        self._evaluate(batch, self.test_metrics, self.test_images, self.test_seen)
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self._log_metrics(self.test_metrics, self.test_images, "test")
+        self.test_results = self._log_metrics(self.test_metrics, self.test_images, self.test_seen, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
         """Output-convention predictions of the real samples (padding dropped), on the CPU; PredictionWriter
@@ -201,14 +285,27 @@ class GeometryEstimator(L.LightningModule):
             "uncertainty": uncertainty.cpu() if uncertainty is not None else None,
         }
 
-    def _log_metrics(self, metrics: Metric, images: Metric, stage: str) -> tuple[dict[str, float], int]:
-        """Log the synced metrics and image count; return them and reset the states."""
+    def _log_metrics(self, metrics: Metric, images: Metric, seen: Metric, stage: str) -> tuple[dict[str, float], int]:
+        """Log the synced metrics and the count of scored images; return them and reset the states.
+
+        When no image was scored, only `<stage>/images` (0) is logged, with a warning, instead of NaN metrics."""
         values = {k: float(v) for k, v in metrics.compute().items()}
-        count = int(images.compute().item())
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=False)
+        count, total = int(images.compute().item()), int(seen.compute().item())
+        if count > 0:
+            self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=False)
+        else:
+            spec = self.evaluation
+            rank_zero_warn(
+                f"{stage} at optimiser step {self.global_step}: no image of {spec.dataset!r} was scored: none of its "
+                f"{total} image(s) had a valid pixel, so no {stage} metric is logged (only {stage}/images = 0). "
+                f"{self._empty_causes()} Evaluation: model.init_args.evaluation min_depth {spec.min_depth}, "
+                f"max_depth {spec.max_depth} (ground-truth range test {'on' if spec.mask_gt_range else 'off'}), "
+                f"crop {spec.crop}.",
+                category=NoValidPixelsWarning,
+            )
         self.log(f"{stage}/images", float(count), sync_dist=False)
-        metrics.reset()
-        images.reset()
+        for state in (metrics, images, seen):
+            state.reset()
         return values, count
 
     # ------------------------------------------------------------------------------------- checkpoints
@@ -217,14 +314,22 @@ class GeometryEstimator(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
+        checkpoint["empty_batches"] = self.empty_batches  # train/empty_batches continues after a resume
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.empty_batches = int(checkpoint.get("empty_batches", 0))
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(_LEGACY_PREFIXES)]:
             state[f"core.{key}"] = state.pop(key)
         for key, value in self.state_dict().items():
             if key.startswith(FROZEN_PREFIXES):
                 state.setdefault(key, value)
+
+
+def _keys(batch: dict[str, Any], limit: int = 8) -> str:
+    """The first sample keys of a batch, for messages."""
+    keys = list(batch.get("key") or [])
+    return ", ".join(map(str, keys[:limit])) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "") or "none"
 
 
 def _as_dataclass(cls: type, value: Any) -> Any:
