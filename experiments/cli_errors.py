@@ -12,8 +12,13 @@ from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-# Exceptions that mean "your input is wrong" (bad config value, missing file, refused overwrite), not "a bug".
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+from lightning_modules.module import NoValidPixelsError
+
+# Exceptions that mean "your input is wrong" (bad config value, missing file, refused overwrite, data with nothing to
+# learn from), not "a bug".
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, NoValidPixelsError,
+)  # fmt: skip
 _KEY_PATTERNS = (
     r"Option '([\w.]+)' is not accepted",
     r'Key "([\w.]+)" is not expected',
