@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,22 +42,73 @@ def sd2_noise_scheduler(prediction_type: str = "v_prediction", zero_snr: bool = 
     )
 
 
-def load_pretrained_components(name_or_path: str) -> Components:
-    """Load a Marigold (8-channel) or Stable Diffusion 2 (4-channel) checkpoint in diffusers layout."""
-    try:
-        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
-        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
-        scheduler_config = DDPMScheduler.load_config(name_or_path, subfolder="scheduler")
-    except (OSError, ValueError) as err:
-        # jsonargparse shows only this message, not the chain: carry the cause (missing folder, no network, ...).
-        where = (
-            "the folder exists" if Path(name_or_path).is_dir() else "no such local folder, so it was tried as a hub id"
-        )
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+LAYOUT = "unet/, vae/, text_encoder/, tokenizer/ and scheduler/ subfolders and a model_index.json"
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether `name` can only mean a local folder, never a hub id (`owner/name`): absolute, starting with `.` or
+    `~`, with more than one separator, without any (hub model ids have an owner), or whose first part exists here."""
+    if os.path.isabs(name) or name.startswith((".", "~")):
+        return True
+    separators = name.count("/") + (name.count(os.sep) if os.sep != "/" else 0)
+    if separators != 1:
+        return True
+    return Path(name.split("/")[0]).exists()
+
+
+def check_model_source(name_or_path: str, subfolders: tuple[str, ...] = SUBFOLDERS) -> None:
+    """Refuse, before anything is loaded, a local model path that does not exist or is not a diffusers folder.
+
+    A missing local path is never tried as a hub id (that would mean minutes of network retries for a typo);
+    an existing folder must have every one of `subfolders` (what the loader reads), and the message names the
+    missing ones.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        missing = [f"{name}/" for name in subfolders if not (path / name).is_dir()]
+        if missing:
+            raise ValueError(
+                f"{name_or_path!r} is not a diffusers model folder: it lacks {', '.join(missing)} "
+                f"(expected {LAYOUT}, as `save_pretrained` of a Marigold or Stable Diffusion pipeline writes)"
+            )
+    elif path.exists():
         raise ValueError(
-            f"Could not load a diffusers-format model from {name_or_path!r} ({where}): expected unet/, vae/, "
-            f"text_encoder/, tokenizer/ and scheduler/ subfolders (offline? pass a local folder). Cause: "
+            f"{name_or_path!r} is a file, not a diffusers model folder (expected a folder with {LAYOUT}; "
+            "a Lightning checkpoint is loaded with --ckpt_path, or as infer's --model)"
+        )
+    elif name_or_path.startswith("standin:"):
+        raise ValueError(
+            f"{name_or_path!r} names the SD2 stand-in, which the experiments CLI resolves to its cache folder; "
+            "outside it pass the folder itself (`python -m experiments.standin` prints it)"
+        )
+    elif looks_like_local_path(name_or_path):
+        raise ValueError(
+            f"model folder {name_or_path!r} does not exist (resolved: {path.resolve()}); it is a local path, so it "
+            f"was not tried as a hub id. Expected a folder with {LAYOUT}; hub models are named owner/name."
+        )
+
+
+def load_pretrained_components(name_or_path: str) -> Components:
+    """Load a Marigold (8-channel) or Stable Diffusion 2 (4-channel) checkpoint in diffusers layout.
+
+    `name_or_path` is a local folder or a hub id (`owner/name`); a local path that does not exist, or a folder
+    without one of the subfolders, is refused at once (`check_model_source`).
+    """
+    check_model_source(name_or_path)
+    source = str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        scheduler_config = DDPMScheduler.load_config(source, subfolder="scheduler")
+    except (OSError, ValueError) as err:
+        # jsonargparse shows only this message, not the chain: carry the cause (broken file, no network, ...).
+        where = "the folder exists" if Path(source).is_dir() else "no such local folder, so it was tried as a hub id"
+        raise ValueError(
+            f"Could not load a diffusers-format model from {name_or_path!r} ({where}): expected {LAYOUT} "
+            f"(offline? pass a local folder). Cause: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
     # Missing keys would silently fall back to diffusers' defaults (clip_sample=True), see docs/method.md §9.9.

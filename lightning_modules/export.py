@@ -2,7 +2,7 @@
 
 The pipeline class follows the model's task: depth models become `MarigoldDepthPipeline` folders
 (`prediction_type="depth"`, scale- and shift-invariant), normals models `MarigoldNormalsPipeline` folders
-(`prediction_type="normals"`, `use_full_z_range=True`). Both reload offline with `<Class>.from_pretrained(folder)` or
+(`prediction_type="normals"`, `use_full_z_range` as the task has it: True for models trained here). Both reload offline with `<Class>.from_pretrained(folder)` or
 `DiffusionPipeline.from_pretrained(folder)`, and with `GeometryEstimator(pretrained=folder, task=...)`.
 
 Normals: frame and conventions, as checked against diffusers 0.42 (tests/test_export.py)
@@ -37,7 +37,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from lightning_modules.components import empty_prompt_embedding
+from lightning_modules.components import check_model_source, empty_prompt_embedding
 from lightning_modules.core import GeometryCore
 from lightning_modules.tasks import TASKS, Task
 from lightning_modules.tiny import TinySpec, build_tiny_components
@@ -85,8 +85,15 @@ def text_components(
     with `text_encoder/` and `tokenizer/`) or rebuilt from the `tiny` architecture. Raises unless they re-embed the
     empty prompt to `core.empty_text_embedding`."""
     if source is not None:
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        check_model_source(source, ("text_encoder", "tokenizer"))
+        try:
+            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        except OSError as error:
+            raise ValueError(
+                f"could not load the text encoder and tokenizer from {source!r} (expected text_encoder/ and "
+                f"tokenizer/ subfolders; pass --tokenizer_source): {str(error).splitlines()[0] if str(error) else error}"
+            ) from error
     elif tiny is not None:
         parts = build_tiny_components(_as_tiny_spec(tiny))
         text_encoder, tokenizer = parts.text_encoder, parts.tokenizer

@@ -8,6 +8,7 @@ from lightning_modules.components import (
     empty_prompt_embedding,
     ensure_eight_channel_unet,
     load_pretrained_components,
+    looks_like_local_path,
     widen_conv_in,
 )
 from lightning_modules.tiny import TinySpec, build_tiny_components
@@ -74,7 +75,43 @@ def test_tiny_components_are_deterministic_per_seed():
 
 
 def test_unloadable_model_folder_names_the_cause(tmp_path):
+    (tmp_path / "unet").mkdir()  # a subfolder without its config.json: the loader's own error is carried
+    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        (tmp_path / name).mkdir()
     with pytest.raises(ValueError, match=r"the folder exists.*Cause: OSError"):
-        load_pretrained_components(str(tmp_path))  # exists, but has no unet/
-    with pytest.raises(ValueError, match="no such local folder"):
-        load_pretrained_components(str(tmp_path / "missing"))
+        load_pretrained_components(str(tmp_path))
+
+
+def test_folder_without_a_subfolder_names_it(tmp_path):
+    for name in ("unet", "text_encoder", "tokenizer"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(ValueError, match=r"lacks vae/, scheduler/ \(expected unet/, vae/"):
+        load_pretrained_components(str(tmp_path))
+    (tmp_path / "file.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a file, not a diffusers model folder"):
+        load_pretrained_components(str(tmp_path / "file.ckpt"))
+
+
+@pytest.mark.parametrize(
+    "name, local",
+    [
+        ("/abs/missing", True), ("./runs/x/export", True), ("~/models/marigold", True), ("runs/x/export", True),
+        ("marigold", True), ("prs-eth/marigold-depth-v1-0", False), ("stabilityai/stable-diffusion-2", False),
+    ],
+)  # fmt: skip
+def test_local_paths_are_told_from_hub_ids(name, local):
+    assert looks_like_local_path(name) is local
+
+
+def test_missing_local_path_is_never_tried_on_the_hub(tmp_path, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a missing local path went to the hub")
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # partly exists: "runs/x" is a local path even with one separator
+    for name in (str(tmp_path / "missing"), "./runs/x/export", "runs/x", "~/surely/not/here"):
+        with pytest.raises(ValueError, match="does not exist.*not tried as a hub id.*unet/, vae/, text_encoder/"):
+            load_pretrained_components(name)
+    with pytest.raises(AssertionError, match="went to the hub"):  # a hub id still goes to the hub
+        load_pretrained_components("owner/model")

@@ -176,3 +176,19 @@ def test_depth_colours_near_red_far_blue(tmp_path: Path) -> None:
     write_depth(tmp_path / "x", torch.tensor([[0.0, 1.0]]))
     near, far = np.asarray(Image.open(tmp_path / "x_depth_colored.png"))[0].astype(int)
     assert near[0] > near[2] and far[2] > far[0]
+
+
+def test_colored_depth_spans_the_colormap_while_the_data_stays_raw(tmp_path: Path) -> None:
+    """A single prediction rarely spans [0, 1]: the colored PNG stretches its own min..max (red near, blue far),
+    the npy and the 16-bit PNG keep the prediction itself."""
+    depth = torch.tensor([[0.2, 0.4, 0.6]])
+    write_depth(tmp_path / "x", depth)
+    near, middle, far = np.asarray(Image.open(tmp_path / "x_depth_colored.png"))[0].astype(int)
+    reference = write_depth(tmp_path / "full", torch.tensor([[0.0, 0.5, 1.0]]))[2]
+    stretched, full = (np.asarray(Image.open(p)).astype(int) for p in (tmp_path / "x_depth_colored.png", reference))
+    assert np.abs(stretched - full).max() <= 1  # 0.2..0.6 coloured like 0..1 (up to float round-off)
+    assert near[0] > 150 > near[2] and far[2] > 100 > far[0]  # the colormap's red and blue ends
+    np.testing.assert_array_equal(np.load(tmp_path / "x_depth.npy"), depth.numpy())
+    assert np.asarray(Image.open(tmp_path / "x_depth_16bit.png")).tolist() == [[13107, 26214, 39321]]
+    write_depth(tmp_path / "flat", torch.full((2, 2), 0.3))  # constant: coloured on the [0, 1] scale, no division
+    assert len(set(map(tuple, np.asarray(Image.open(tmp_path / "flat_depth_colored.png")).reshape(-1, 3)))) == 1

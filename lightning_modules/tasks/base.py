@@ -7,6 +7,7 @@ becomes a prediction, the metrics and their table columns, previews, output conv
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -88,6 +89,17 @@ class Task(ABC):
     def write_outputs(self, stem: str | Path, prediction: Tensor, uncertainty: Tensor | None) -> list[Path]:
         """Write one image's prediction [C,H,W] (and uncertainty [1,H,W]) as files named `<stem>_*`."""
 
+    def output_files(self, stem: str | Path, with_uncertainty: bool) -> list[Path] | None:
+        """The files `write_outputs(stem, ...)` writes (with an uncertainty map or without), or None if the task
+        does not say; `infer` skips an image on a rerun only when every one of them exists (None: never skipped)."""
+        return None
+
+    @classmethod
+    def folder_options(cls, index: dict[str, Any]) -> dict[str, Any]:
+        """Constructor options a diffusers folder's model_index.json sets for this task (none by default), so that
+        `build_task(name, **options)` decodes the folder's predictions as its stock pipeline does."""
+        return {}
+
     def resize_output_uncertainty(self, uncertainty: Tensor, size: tuple[int, int]) -> Tensor:
         """Uncertainty [1,1,h,w] at the input size (non-negative)."""
         return resize_bilinear(uncertainty, size).clamp_min(0)
@@ -112,10 +124,16 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def build_task(name: str) -> Task:
+def build_task(name: str, **options: Any) -> Task:
+    """The registered task `name`, built with its constructor options (e.g. normals' `use_full_z_range`)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}")
-    return TASKS[name]()
+    cls = TASKS[name]
+    accepted = [] if cls.__init__ is object.__init__ else list(inspect.signature(cls.__init__).parameters)[1:]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"task {name!r} takes no option {', '.join(unknown)} (its options: {accepted or 'none'})")
+    return cls(**options)
 
 
 def task_of_folder(index: dict[str, Any], requested: str | None = None) -> str:

@@ -16,7 +16,7 @@ from torchmetrics import Metric
 from lightning_modules.alignment import align_depth_lstsq
 from lightning_modules.ensemble import DEPTH_ENSEMBLE_PRESETS, ensemble_depth
 from lightning_modules.evaluation import EvalSpec
-from lightning_modules.image_io import write_depth, write_uncertainty
+from lightning_modules.image_io import depth_files, uncertainty_file, write_depth, write_uncertainty
 from lightning_modules.losses import affine_invariant_l1
 from lightning_modules.metrics import DepthMetrics
 from lightning_modules.tasks.base import Task, register_task, resize_bilinear
@@ -78,3 +78,6 @@ class DepthTask(Task):
     def write_outputs(self, stem: str | Path, prediction: Tensor, uncertainty: Tensor | None) -> list[Path]:
         paths = write_depth(stem, prediction[0])
         return paths + ([write_uncertainty(stem, uncertainty[0])] if uncertainty is not None else [])
+
+    def output_files(self, stem: str | Path, with_uncertainty: bool) -> list[Path]:
+        return depth_files(stem) + ([uncertainty_file(stem)] if with_uncertainty else [])
