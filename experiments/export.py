@@ -9,6 +9,7 @@ for normals).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from experiments.checkpoints import load_trained_model
@@ -38,30 +39,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"config {config} does not exist")
     if not args.ckpt_path.is_file():
         parser.error(f"checkpoint {args.ckpt_path} does not exist (expected a Lightning .ckpt file)")
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
+    if args.processing_resolution < 0 or args.processing_resolution % 8:
+        parser.error(
+            f"--processing_resolution must be 0 (native) or a positive multiple of 8, got {args.processing_resolution}"
+        )
+    if args.denoising_steps < 1:
+        parser.error(f"--denoising_steps must be >= 1, got {args.denoising_steps}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder: choose a folder")
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         parser.error(f"{args.out} exists and is not empty: choose another --out or pass --overwrite")
     return args
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Export and print where the folder was written, with a usage line."""
+    """Export and print where the folder was written, with a usage line.
+
+    A user error (checkpoint, config, text source) ends with `error: ...` (exit status 1), Ctrl-C with exit status
+    130; neither leaves anything under --out (the folder is renamed into place only when complete).
+    """
     args = parse_args(argv)
     try:
         model = load_trained_model(args.ckpt_path, args.config)
-    except (ValueError, FileNotFoundError) as error:
+        hparams = model.hparams
+        folder = export_to_diffusers(
+            model.core,
+            model.task,
+            args.out,
+            processing_resolution=args.processing_resolution,
+            denoising_steps=args.denoising_steps,
+            tokenizer_source=args.tokenizer_source or hparams.get("pretrained"),
+            tiny=hparams.get("tiny"),
+            set_alpha_to_one=args.set_alpha_to_one == "true",
+            overwrite=args.overwrite,
+        )
+    except (ValueError, OSError) as error:  # FileNotFoundError and FileExistsError included
         raise SystemExit(f"error: {error}") from None
-    hparams = model.hparams
-    folder = export_to_diffusers(
-        model.core,
-        model.task,
-        args.out,
-        processing_resolution=args.processing_resolution,
-        denoising_steps=args.denoising_steps,
-        tokenizer_source=args.tokenizer_source or hparams.get("pretrained"),
-        tiny=hparams.get("tiny"),
-        set_alpha_to_one=args.set_alpha_to_one == "true",
-        overwrite=args.overwrite,
-    )
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was written to {args.out}", file=sys.stderr)
+        raise SystemExit(130) from None
     name = pipeline_class(model.task).__name__
     print(f"exported {name} to {folder.resolve()}")
     print(
