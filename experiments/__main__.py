@@ -13,7 +13,7 @@ from experiments.cli_errors import USER_ERRORS, ConciseParser, exit_with
 from experiments.config_defaults import expand_config_defaults
 from experiments.console import add_step_progress_bar, announce_run_folder, silence_known_noise
 from experiments.protocol_check import require_matching_protocol
-from experiments.run_dir import pin_run_folder, resolve_ckpt_path
+from experiments.run_dir import check_fresh_run_folder, pin_run_folder, resolve_ckpt_path
 from experiments.standin import resolve_pretrained
 
 
@@ -39,12 +39,27 @@ class ExperimentCLI(LightningCLI):
             # `standin:sd2` -> the framework's own SD2-layout stand-in, built into the cache on first use
             init_args.pretrained = resolve_pretrained(init_args.pretrained)
 
+    def _check_shards(self, split: str) -> None:
+        """Missing shards stop here, before the logger creates a run folder: one message with the convert command."""
+        check = getattr(self.datamodule, "check_shards", None)
+        if check is not None:
+            check(split)
+
+    def before_validate(self) -> None:
+        self._check_shards("val")
+
     def before_test(self) -> None:
+        self._check_shards("test")
         allow = bool(self.config["test"].get("allow_protocol_mismatch"))
         require_matching_protocol(self.model, self.datamodule, allow)
 
+    def before_predict(self) -> None:
+        self._check_shards("predict")
+
     def before_fit(self) -> None:
         config = self.config_init["fit"]
+        self._check_shards("fit")
+        check_fresh_run_folder(self.trainer, config.get("ckpt_path"))  # before `auto` is resolved to a file
         config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), self.config["fit"].trainer.default_root_dir)
         announce_run_folder(self.trainer, config.ckpt_path)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
@@ -75,6 +76,10 @@ class GeometryCore(nn.Module):
         )
         if self.unet.config.cross_attention_dim != self.empty_text_embedding.shape[-1]:
             raise ValueError("text encoder hidden size does not match the UNet's cross_attention_dim")
+        # ᾱ_t moves with the module (no host-to-device copy per step); not saved, it is the scheduler's.
+        alphas = torch.as_tensor(self.noise_scheduler.alphas_cumprod, dtype=torch.float32)
+        self.register_buffer("alphas_cumprod", alphas, persistent=False)
+        self._inference_schedulers: dict[str, Any] = {}
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_scale = float(self.vae.config.scaling_factor)
         if gradient_checkpointing:
@@ -94,10 +99,15 @@ class GeometryCore(nn.Module):
         self.vae.eval()  # frozen: no dropout or norm statistics change in training mode
         return self
 
-    @torch.no_grad()
     def encode(self, image: Tensor) -> Tensor:
-        """Posterior mean of the frozen VAE encoder for images in [-1, 1], scaled (no sampling, no gradient)."""
-        return self.vae.encode(image).latent_dist.mode() * self.latent_scale
+        """Posterior mean of the frozen VAE encoder for images in [-1, 1], scaled (no sampling, no gradient).
+
+        Runs under inference mode (no autograd bookkeeping at all); the result is cloned out of it only when
+        autograd is on, since an inference tensor may not enter a graph that is differentiated.
+        """
+        with torch.inference_mode():
+            latent = self.vae.encode(image).latent_dist.mode() * self.latent_scale
+        return latent.clone() if torch.is_grad_enabled() else latent
 
     def decode(self, latent: Tensor) -> Tensor:
         """Frozen VAE decoder, kept in the autograd graph so task losses reach the UNet."""
@@ -106,12 +116,14 @@ class GeometryCore(nn.Module):
     def denoise(self, z_rgb: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
         """Raw UNet output for [image latent, noisy target latent] at timesteps t with the empty prompt."""
         context = self.empty_text_embedding.expand(z_rgb.shape[0], -1, -1).to(z_rgb.dtype)
-        return self.unet(torch.cat([z_rgb, z_t], dim=1), t, encoder_hidden_states=context).sample
+        x = torch.cat([z_rgb, z_t], dim=1)
+        if self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):  # speed.channels_last
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.unet(x, t, encoder_hidden_states=context).sample
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """ᾱ_t [B,1,1,1] in float32 from the training scheduler."""
-        alphas = self.noise_scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
-        return alphas[t].view(-1, 1, 1, 1)
+        return self.alphas_cumprod.to(t.device)[t].view(-1, 1, 1, 1)  # a no-op move when t is on our device
 
     def predicted_original(self, output: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
         """x0 from the model output at timesteps t (computed in float32, returned in the output's dtype)."""
@@ -130,6 +142,10 @@ class GeometryCore(nn.Module):
     @torch.no_grad()
     def sample(self, z_rgb: Tensor, spec: InferenceSpec) -> Tensor:
         """DDIM from the spec's initial latent to the predicted x0 latent (docs/method.md §5.2)."""
-        scheduler = inference_scheduler(self.noise_scheduler, spec.spacing)
+        scheduler = self._inference_schedulers.get(spec.spacing)
+        if scheduler is None:  # built once per spacing: from_config costs more than a tiny model's UNet call
+            scheduler = self._inference_schedulers[spec.spacing] = inference_scheduler(
+                self.noise_scheduler, spec.spacing
+            )
         z_init = initial_latent(z_rgb.shape, spec.init_latent, spec.seed, z_rgb.device, z_rgb.dtype)
         return sample_latent(lambda z, t: self.denoise(z_rgb, z, t), scheduler, z_init, spec.num_steps)

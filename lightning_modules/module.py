@@ -7,6 +7,8 @@ The maths lives elsewhere: `core.GeometryCore` (VAE, UNet, scheduler), `tasks` (
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -26,7 +28,9 @@ from lightning_modules.lr_schedule import warmup_exponential_lambda
 from lightning_modules.objectives import Objective, build_objective, objective_config
 from lightning_modules.padding import drop_padding
 from lightning_modules.predictor import predict, predict_latent
-from lightning_modules.tasks import build_task
+from lightning_modules.skips import SkipCounts
+from lightning_modules.speed import SpeedSpec, adamw_options, apply_to_unet
+from lightning_modules.tasks import TASKS, build_task
 from lightning_modules.tiny import TinySpec, build_tiny_components
 
 FROZEN_PREFIXES = ("core.vae.",)
@@ -70,6 +74,7 @@ class GeometryEstimator(L.LightningModule):
         max_empty_batches: stop training with `NoValidPixelsError` after this many consecutive micro-batches without
             a valid pixel (by the task's `valid_mask`, over all devices); 0 = never stop. Each such micro-batch is
             counted (`train/empty_batches`) and warned about (every `EMPTY_BATCH_WARN_EVERY`-th).
+        speed: speed switches (`lightning_modules.speed.SpeedSpec`: channels_last, compile_unet, optimizer_impl).
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class GeometryEstimator(L.LightningModule):
         preview_batches: int = 2,
         evaluation: EvalSpec | None = None,
         max_empty_batches: int = 50,
+        speed: SpeedSpec | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["objective", "evaluation"])
@@ -112,7 +118,13 @@ class GeometryEstimator(L.LightningModule):
         self.empty_batches = 0  # micro-batches without a valid pixel, all of training (kept in checkpoints)
         self.consecutive_empty = 0  # ... in a row, up to the current one
         self.empty_since_step = 0  # optimiser step of the first of those
+        self.speed = _as_dataclass(SpeedSpec, speed)
         self.configure_models(pretrained, tiny, conv_in_rule, prompt_padding, gradient_checkpointing)
+        # A diffusers folder's pipeline settings decide how its predictions decode (normals: use_full_z_range).
+        folder_options = TASKS[task].folder_options(_model_index(pretrained))
+        if folder_options:
+            self.task = build_task(task, **folder_options)
+        apply_to_unet(self.core.unet, self.speed)
         self.configure_metrics()
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -139,13 +151,17 @@ class GeometryEstimator(L.LightningModule):
         self.test_metrics = self.val_metrics.clone()
         self.val_images, self.test_images = SumMetric(), SumMetric()  # images scored (a valid pixel), padding excluded
         self.val_seen, self.test_seen = SumMetric(), SumMetric()  # images evaluated, scored or not, padding excluded
+        # samples the data streams skipped (corrupt shards, bad images or metadata), per reason
+        self.train_skips, self.val_skips, self.test_skips = SkipCounts(), SkipCounts(), SkipCounts()
         self.test_results: tuple[dict[str, float], int] | None = None  # read by MetricTableWriter
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
+        parameters = list(self.core.unet.parameters())
         optimizer = torch.optim.AdamW(
-            self.core.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay
-        )
+            parameters, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay,
+            **adamw_options(parameters, self.speed.optimizer_impl),
+        )  # fmt: skip
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_exponential_lambda(hp.warmup_steps, hp.decay_steps, hp.final_lr_ratio)
         )
@@ -178,6 +194,7 @@ class GeometryEstimator(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- stages
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._log_train_skips(batch)
         fraction = self._check_valid_pixels(batch)
         loss, extras = self.objective.training_loss(self.core, self.task, batch)
         if not torch.isfinite(loss):
@@ -191,6 +208,17 @@ class GeometryEstimator(L.LightningModule):
         for name, value in extras.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         return loss  # the learning rate is logged by LearningRateMonitor (configs/trainer/*.yaml)
+
+    def _log_train_skips(self, batch: dict[str, Tensor]) -> None:
+        """Running totals `data/skipped_<reason>` over all ranks, synced only at the trainer's logging interval."""
+        if "skipped" in batch:
+            self.train_skips.update(batch["skipped"])
+        if self._trainer is None or self.train_skips.update_count == 0:
+            return
+        if self.global_step % max(self.trainer.log_every_n_steps, 1):
+            return  # every rank reaches this line at the same steps, so the sync in compute() is collective
+        for reason, value in self.train_skips.compute().items():  # local states stay: a running total
+            self.log(f"data/skipped_{reason}", value.float(), batch_size=1)
 
     def _check_valid_pixels(self, batch: dict[str, Tensor]) -> float:
         """Fraction of valid pixels of the micro-batch over all devices; counts, warns about and, when it persists,
@@ -243,6 +271,8 @@ class GeometryEstimator(L.LightningModule):
 
         `images` counts the images the metrics scored (`scored_images` of the metric; for a metric without it,
         the images with a valid pixel by the task's mask), `seen` every real image."""
+        if "skipped" in batch:  # before dropping padding: pad samples may carry counts
+            (self.val_skips if metrics is self.val_metrics else self.test_skips).update(batch["skipped"])
         batch = drop_padding(batch)
         if batch is None:
             return None
@@ -264,12 +294,22 @@ class GeometryEstimator(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, self.val_images, self.val_seen, "val")
+        self._log_eval_skips(self.val_skips, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, self.test_images, self.test_seen)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._log_metrics(self.test_metrics, self.test_images, self.test_seen, "test")
+        self._log_eval_skips(self.test_skips, "test")
+
+    def _log_eval_skips(self, skips: SkipCounts, stage: str) -> None:
+        """`data/<stage>_skipped_<reason>`: samples of this pass the streams could not use, over all ranks."""
+        if skips.update_count == 0:
+            return
+        for reason, value in skips.compute().items():
+            self.log(f"data/{stage}_skipped_{reason}", value.float(), sync_dist=False)
+        skips.reset()
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
         """Output-convention predictions of the real samples (padding dropped), on the CPU; PredictionWriter
@@ -330,6 +370,12 @@ def _keys(batch: dict[str, Any], limit: int = 8) -> str:
     """The first sample keys of a batch, for messages."""
     keys = list(batch.get("key") or [])
     return ", ".join(map(str, keys[:limit])) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "") or "none"
+
+
+def _model_index(pretrained: str | None) -> dict[str, Any]:
+    """model_index.json of a local diffusers folder ({} for hub ids, tiny models and folders without one)."""
+    index = Path(pretrained) / "model_index.json" if pretrained else None
+    return json.loads(index.read_text()) if index is not None and index.is_file() else {}
 
 
 def _as_dataclass(cls: type, value: Any) -> Any:

@@ -371,6 +371,10 @@ def test_half_z_range_normals_folder_decodes_like_the_stock_pipeline(
     np.testing.assert_allclose(ours, stock, atol=2e-5, rtol=0)
     assert ours[..., 2].min() >= 0  # half range: z never points away from the camera
 
+    # The module itself (fit / validate / test from such a folder) decodes it the same way.
+    assert GeometryEstimator(pretrained=str(half), task="normals").task.use_full_z_range is False
+    assert GeometryEstimator(pretrained=str(normals_folder), task="normals").task.use_full_z_range is True
+
     # The fault this guards against: decoded as full range, the same folder's normals are far off.
     full = build_task("normals")
     assert full.use_full_z_range and not build_task("normals", use_full_z_range=False).use_full_z_range

@@ -177,3 +177,23 @@ def test_a_metric_without_scored_images_counts_images_with_a_valid_pixel():
     batch["mask"][0] = False
     model.validation_step(batch, 0)
     assert model.val_images.compute() == 2 and model.val_seen.compute() == 3
+
+
+def test_skipped_samples_reach_tensorboard_per_reason(tmp_path, shard_cache):
+    """A corrupt image in the training and validation shards: counted per reason, logged as data/*skipped_*."""
+    with ShardWriter(tmp_path / "shards", "train", samples_per_shard=2) as writer:
+        for i in range(4):
+            rgb = np.random.default_rng(i).integers(0, 256, (H, W, 3), dtype=np.uint8)
+            depth = np.tile(np.linspace(1.0, 5.0, W, dtype=np.float32), (H, 1))
+            sample = encode_sample(f"s{i}", rgb, depth, np.ones((H, W), bool), meta={"source": "t"})
+            if i == 1:
+                sample["rgb.png"] = b"not a png"
+            writer.write(sample)
+    shards = str(tmp_path / "shards" / "train-*.tar")
+    cli = fit(tmp_path, shard_cache, f"--data.init_args.train_shards={shards}", f"--data.init_args.val_shards={shards}",
+              "--trainer.max_steps=3", "--trainer.val_check_interval=3")  # fmt: skip
+    run = Path(cli.trainer.log_dir)
+    assert logged_scalars(run, "data/skipped_bad_image")[-1][1] >= 1  # running total over the endless stream
+    assert logged_scalars(run, "data/val_skipped_bad_image")[-1][1] == 1  # one pass over the 4 validation samples
+    assert logged_scalars(run, "data/val_skipped_truncated_shard")[-1][1] == 0
+    assert cli.trainer.callback_metrics["val/images"] == 3
