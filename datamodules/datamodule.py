@@ -216,6 +216,10 @@ class ShardDataModule(L.LightningDataModule):
 
     def _loader(self, stream: TrainStream | ValidationStream) -> DataLoader:
         workers = self.num_workers
+        if isinstance(stream, ValidationStream):
+            # Counts the shards' samples (manifest.json, or tar headers) once per rank here: forked workers
+            # inherit the cache, and every worker of every rank plans the same shard-level split from them.
+            stream.sample_counts()
         return DataLoader(
             stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0, pin_memory=False
         )
@@ -230,7 +234,8 @@ class ShardDataModule(L.LightningDataModule):
         return self._loader(stream)
 
     def val_dataloader(self) -> DataLoader:
-        """One ordered pass over the configured subset; all ranks get as many batches (padding has empty masks)."""
+        """One ordered pass over the configured subset, each shard read by one rank's worker (split by sample with
+        `val_keys`); all ranks get as many batches (padding has empty masks)."""
         stream = ValidationStream(
             self._shards("val"),
             self.val_batch_size,

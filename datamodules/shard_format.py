@@ -37,8 +37,9 @@ counts (`datamodules.targets.SKIP_REASONS`): `missing_member`; `bad_image` (unde
 an 8-bit `depth.png`, an RGB `mask.png`); `size_mismatch` (rasters of different sizes); `bad_metadata` (`json`
 unreadable or not an object; `depth_scale` not a positive finite number; `min_depth` / `max_depth` not numbers, NaN,
 or min >= max, null meaning absent; `has_depth` not a boolean). A shard folder may hold a `manifest.json` giving
-each shard's sample count (`expected_samples`: the converters' and the synthetic generator's manifests), which
-lets the streams count the samples a truncated shard lost.
+each shard's sample count (`expected_samples`: the manifests of the converters, the synthetic generator and
+`shard_writer.ShardWriter`), which lets the streams count the samples a truncated shard lost and plan a validation
+pass before reading it; `sample_count` falls back to counting sample keys in a local `.tar`'s headers.
 
 Depth is planar (along the optical axis), not distance to the camera centre. PNG is lossless, so depth keeps
 `depth_scale` precision (1 mm by default, up to 65.535 m); a valid depth that does not fit 16 bits raises an
@@ -54,6 +55,7 @@ import json
 import math
 import numbers
 import os
+import re
 import tarfile
 from functools import lru_cache
 from pathlib import Path
@@ -226,24 +228,37 @@ def first_metadata(shard: str | Path) -> dict[str, Any] | None:
     return None
 
 
-@lru_cache(maxsize=256)
-def _manifest_counts(folder: str, stamp: float) -> dict[str, int]:
-    """Per-shard sample counts from a folder's manifest.json (`stamp`, its mtime, keys the cache)."""
-    try:
-        manifest = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
+def manifest_counts(manifest: Any) -> dict[str, int]:
+    """Per-shard sample counts a parsed manifest.json gives (shard file name -> count; shards it lacks are absent)."""
     if not isinstance(manifest, dict):
         return {}
     names = manifest.get("shards") or []
     counts = manifest.get("samples_per_shard")
     params = manifest.get("params") if isinstance(manifest.get("params"), dict) else {}
-    if isinstance(counts, list) and len(counts) == len(names):  # the converters (datamodules.convert.runner)
-        return {name: count for name, count in zip(names, counts) if isinstance(count, int)}
+    if isinstance(counts, list) and len(counts) == len(names):  # converters (convert.runner), ShardWriter
+        return {name: count for name, count in zip(names, counts) if _is_count(count)}
     per, total = params.get("samples_per_shard"), params.get("num_samples")
-    if isinstance(per, int) and isinstance(total, int) and per > 0:  # the synthetic generator
+    if _is_count(per) and _is_count(total) and per > 0:  # the synthetic generator
         return {name: max(0, min(per, total - k * per)) for k, name in enumerate(names)}
     return {}
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@lru_cache(maxsize=256)
+def _manifest_counts(folder: str, stamp: tuple[int, int, int]) -> dict[str, int]:
+    """Per-shard sample counts from a folder's manifest.json (`stamp`, its mtime, inode and size, keys the cache)."""
+    try:
+        return manifest_counts(json.loads((Path(folder) / MANIFEST).read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _stamp(stat: os.stat_result) -> tuple[int, int, int]:
+    """A file version: mtime, inode (a file replaced by os.replace is a new one) and size."""
+    return stat.st_mtime_ns, stat.st_ino, stat.st_size
 
 
 def expected_samples(shard: str | Path) -> int | None:
@@ -251,16 +266,60 @@ def expected_samples(shard: str | Path) -> int | None:
     path = Path(shard)
     manifest = path.parent / MANIFEST
     try:
-        stamp = manifest.stat().st_mtime
+        stamp = _stamp(manifest.stat())
     except OSError:
         return None
     return _manifest_counts(str(path.parent), stamp).get(path.name)
 
 
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these
+_KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+
+
+@lru_cache(maxsize=4096)
+def _header_count(path: str, stamp: tuple[int, int, int]) -> int:
+    count, key = 0, None
+    try:
+        # random access on an unbuffered file: reads the 512-byte headers and seeks over the data
+        with open(path, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            for member in tar:
+                name = member.name
+                if not member.isreg() or _META_MEMBER.match(name):
+                    continue
+                match = _KEY_AND_SUFFIX.match(name)
+                if match is not None and match.group(1) != key:  # webdataset's group_by_keys: a new key
+                    count, key = count + 1, match.group(1)
+    except (OSError, EOFError, tarfile.TarError):
+        pass  # a damaged tar: the samples whose headers come before the damage
+    return count
+
+
+def header_sample_count(shard: str | Path) -> int | None:
+    """Samples in a local uncompressed `.tar` shard, counted as WebDataset groups its members, from the tar headers
+    only (no payload is read; cached per file version). A missing file counts 0, a damaged tar the samples before
+    the damage (a partial last one included); None for anything but a local `.tar` path."""
+    path = str(shard)
+    if not path.endswith(".tar") or "://" in path or path.startswith("pipe:"):
+        return None
+    try:
+        stamp = _stamp(os.stat(path))
+    except OSError:
+        return 0
+    return _header_count(path, stamp)
+
+
+def sample_count(shard: str | Path) -> int | None:
+    """The shard's sample count: its `manifest.json` entry, else counted from its tar headers
+    (`header_sample_count`); None when neither can tell (not a local `.tar`, no manifest entry)."""
+    expected = expected_samples(shard)
+    return expected if expected is not None else header_sample_count(shard)
+
+
 @lru_cache(maxsize=4096)
 def _tar_damage(path: str, size: int, stamp: int) -> str | None:
     try:
-        with tarfile.open(path, "r:") as tar:  # random access: reads the headers, seeks over the data
+        # random access on an unbuffered file: reads the headers, seeks over the data
+        with open(path, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for _ in tar:
                 pass
             end = tar.offset  # where reading stopped: the end-of-archive marker of a whole tar

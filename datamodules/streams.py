@@ -1,10 +1,16 @@
 """Iterable datasets over shards: an endless shuffled training stream and a finite, padded validation pass.
 
 Training shards are split by rank first (rank r of w reads shards[r::w]), then by dataloader worker, and
-resampled forever inside that subset, so no two ranks read the same shard. Validation reads every shard in a
-fixed order on every rank; rank r keeps samples i with i % w == r (its workers take turns within that share)
-and pads with masked-out copies so every rank yields the same number of samples and batches (unequal counts
-deadlock DDP) while nothing is counted twice.
+resampled forever inside that subset, so no two ranks read the same shard. A validation pass reads each shard
+once: `plan_validation` gives every shard to one (rank, worker) slot from the shards' sample counts (manifest.json,
+else counted from the tar headers: `shard_format.sample_count`), balancing the ranks' samples first, then each
+rank's workers; every rank's worker w yields the same number of samples, quota_w (the most any rank's worker w
+has), padding with masked-out copies, so every rank yields the same number of batches in the DataLoader's
+worker-by-worker order (unequal counts deadlock DDP) while nothing is counted twice. A shard that yields fewer
+samples than its count is padded up; one that yields more is capped at its count (the extras are counted as
+`bad_sample`). Only a pass with a key filter (`keys`), or over shards whose counts cannot be known, is split by
+sample: every rank and worker reads every shard and keeps its share (sample i: rank i % w, then its workers in
+turn).
 
 Bad data never stops a pass and is never dropped silently: every sample lost is counted by reason
 (`datamodules.targets.SKIP_REASONS`), warned about with its key, shard and reason (training re-reads shards: a
@@ -13,11 +19,13 @@ contract), which reach the main process with the batch however many dataloader w
 as a whole (`read_shard`): one that cannot be read counts `unreadable_shard`; one whose tar stops early (a read
 error, no end-of-archive marker, a bad header in the middle, fewer samples than its manifest lists) drops its
 partial last sample and counts `truncated_shard` for every sample lost, exactly from its folder's `manifest.json`
-when that gives the shard's count, else as 1 (a lower bound, logged as "at least 1"). Only rank 0's worker 0 counts
-shard-level skips of a validation pass (every rank and worker reads every shard); each sample's own skips are
-counted by the rank and worker it belongs to.
+when that gives the shard's count, else as 1 (a lower bound, logged as "at least 1"). In a validation pass split by
+shard, the worker that reads a shard counts all of its skips; split by sample, only rank 0's worker 0 counts
+shard-level skips (every rank and worker reads every shard), and each sample's own skips are counted by the rank
+and worker it belongs to.
 
-Set `DGFT_SHARD_LOG=<file>` to append each stream's shard assignment as a JSON line (rank, worker, shards).
+Set `DGFT_SHARD_LOG=<file>` to append each stream's shard assignment as a JSON line (split, rank, world_size,
+worker, shards; validation adds split_by: `shard` or `sample`).
 """
 
 from __future__ import annotations
@@ -30,8 +38,10 @@ import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, default_collate
@@ -41,6 +51,7 @@ from datamodules.shard_format import (
     SampleFormatError,
     decode_sample,
     expected_samples,
+    sample_count,
     tar_damage,
 )
 from datamodules.targets import SKIP_REASONS, build_targets, describe_skips, hflip, no_skips, skip_row
@@ -76,12 +87,17 @@ def shards_for(shards: list[str], rank: int, world: int, worker: int, workers: i
     return share
 
 
-def _record_assignment(split: str, rank: int, world: int, worker: int, shards: list[str]) -> None:
+def _record_assignment(
+    split: str, rank: int, world: int, worker: int, shards: list[str], split_by: str | None = None
+) -> None:
+    """Log which shards a stream reads; with DGFT_SHARD_LOG, append it there as a JSON line."""
     log.info("%s stream: rank %d/%d worker %d reads %d shards", split, rank, world, worker, len(shards))
     path = os.environ.get("DGFT_SHARD_LOG")
     if path:
         with open(path, "a") as handle:
             record = dict(split=split, rank=rank, world_size=world, worker=worker, shards=shards)
+            if split_by is not None:
+                record["split_by"] = split_by  # validation: `shard` (each read once) or `sample` (all read by all)
             handle.write(json.dumps(record) + "\n")
 
 
@@ -147,12 +163,13 @@ class SkipLog:
         return row
 
 
-def read_shard(url: str, skips: SkipLog) -> Iterator[dict[str, Any]]:
+def read_shard(url: str, skips: SkipLog, limit: int | None = None) -> Iterator[dict[str, Any]]:
     """The raw samples (WebDataset member dicts) of one shard; what cannot be read is counted in `skips`.
 
     A shard whose tar stops early (a read error; no end-of-archive marker or a bad header in the middle, found by
     `tar_damage`; fewer samples than its manifest lists) yields its complete samples and drops a partial last one;
     the samples lost are counted from `manifest.json` when it gives the shard's count (exact), else as 1 (at least).
+    `limit`: only the first `limit` samples are wanted: reading stops there, and only those can be counted lost.
     """
     errors: list[Exception] = []
 
@@ -160,14 +177,20 @@ def read_shard(url: str, skips: SkipLog) -> Iterator[dict[str, Any]]:
         errors.append(error)
         return True
 
+    if limit is not None and limit < 1:
+        return
     read, held = 0, None
     for sample in wds.tarfile_to_samples(handler=handler)([{"url": url}]):
         if held is not None:
             read += 1
             yield held
+            if limit is not None and read >= limit:
+                return  # the samples after the limit are not wanted: neither read nor checked
         held = sample
     damage = None if errors else tar_damage(url)
     expected = expected_samples(url)
+    if expected is not None and limit is not None:
+        expected = min(expected, limit)  # only the wanted samples can be lost
     if not errors and damage is None and (expected is None or read + (held is not None) >= expected):
         if held is not None:
             yield held
@@ -280,11 +303,91 @@ class TrainStream(IterableDataset):
         return batches(samples, self.batch_size, drop_last=True)
 
 
+@dataclass(frozen=True)
+class ValidationPlan:
+    """Which (rank, worker) reads which shards in a validation pass, and how many samples each worker yields.
+
+    `take[i]`: the samples read from shard i (its count; fewer for the shard where `max_samples` ends, 0 after it);
+    `cut[i]`: shard i is read only up to `take[i]` (`max_samples`); `read[i]`: shard i is read at all; `slots[rank]
+    [worker]`: the shard indices that worker reads, in shard order; `quotas[worker]`: samples (real and padding) that
+    worker yields on every rank, the most any rank's worker of that index has.
+    """
+
+    take: tuple[int, ...]
+    cut: tuple[bool, ...]
+    read: tuple[bool, ...]
+    slots: tuple[tuple[tuple[int, ...], ...], ...]
+    quotas: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        """Samples of the pass (before padding)."""
+        return sum(self.take)
+
+    def load(self, rank: int, worker: int) -> int:
+        """Samples `worker` of `rank` reads (before padding)."""
+        return sum(self.take[i] for i in self.slots[rank][worker])
+
+    def batches(self, batch_size: int) -> int:
+        """Batches every rank yields: each worker's samples are batched apart (the DataLoader takes turns)."""
+        return sum(math.ceil(quota / batch_size) for quota in self.quotas)
+
+
+def plan_validation(counts: list[int], world: int, workers: int, max_samples: int | None = None) -> ValidationPlan:
+    """Share shards with `counts` samples out over `world` ranks x `workers` workers, each shard to one of them.
+
+    `max_samples`: only the first N samples in shard order (the first shards, the last of them in part). Shards go
+    to ranks largest first, each to the rank with the fewest samples so far (ties: the lowest rank), then within
+    each rank to its workers the same way; a shard without samples (empty, or unreadable without a manifest entry)
+    goes to the worker with the most, which yields at least one sample to carry the shard's skip counts. Every
+    rank's worker w then yields quota_w = max over ranks of the samples of (rank, w), padding up to it. A pure
+    function of its arguments: every rank and worker computes the same plan.
+    """
+    if world < 1 or workers < 1:
+        raise ValueError(f"need world >= 1 and workers >= 1, got {world}, {workers}")
+    take, cut, read = list(counts), [False] * len(counts), [True] * len(counts)
+    if max_samples is not None:
+        left = max_samples
+        for index, count in enumerate(counts):
+            read[index] = left > 0
+            take[index] = min(count, left)
+            cut[index] = take[index] < count
+            left -= take[index]
+    largest_first = sorted((i for i in range(len(take)) if read[i] and take[i] > 0), key=lambda i: (-take[i], i))
+    rank_load, rank_shards = [0] * world, [[] for _ in range(world)]
+    for index in largest_first:
+        rank = min(range(world), key=lambda r: (rank_load[r], r))
+        rank_load[rank] += take[index]
+        rank_shards[rank].append(index)
+    load = [[0] * workers for _ in range(world)]
+    slots: list[list[list[int]]] = [[[] for _ in range(workers)] for _ in range(world)]
+    for rank, shards in enumerate(rank_shards):
+        for index in shards:  # largest first already
+            worker = min(range(workers), key=lambda w: (load[rank][w], w))
+            load[rank][worker] += take[index]
+            slots[rank][worker].append(index)
+    for index in (i for i in range(len(take)) if read[i] and take[i] == 0):
+        rank, worker = min(
+            ((r, w) for r in range(world) for w in range(workers)), key=lambda rw: (-load[rw[0]][rw[1]], rw)
+        )
+        slots[rank][worker].append(index)
+    quotas = tuple(max(load[rank][worker] for rank in range(world)) for worker in range(workers))
+    return ValidationPlan(
+        tuple(take), tuple(cut), tuple(read), tuple(tuple(tuple(sorted(s)) for s in rank) for rank in slots), quotas
+    )
+
+
 class ValidationStream(IterableDataset):
     """One deterministic pass over all samples, shared out over ranks and workers with masked padding.
 
-    `keys` keeps only samples with those keys, `max_samples` only the first N (after `keys`), in shard order: a
-    fixed subset for validation during training. Sizes need not be multiples of 8 (prediction pads).
+    Each shard is read by one (rank, worker) (`plan_validation`, from the shards' counts: `sample_count`), which
+    also counts the shard's skips; every rank yields the same number of batches. `keys` keeps only samples with
+    those keys, `max_samples` only the first N (after `keys`), in shard order: a fixed subset for validation during
+    training. Without `keys`, the first N follow the shards' counts (the first shards, the last in part), so a
+    damaged shard's lost samples are counted, not replaced by later ones. With `keys`, or when a shard's count cannot
+    be known (not a local `.tar`, no manifest entry), every rank and worker reads every shard and keeps its share of
+    the samples (sample i: rank i % world, then worker (i // world) % workers). Sizes need not be multiples of 8
+    (prediction pads).
     """
 
     def __init__(
@@ -308,14 +411,101 @@ class ValidationStream(IterableDataset):
         self.skipped = 0  # samples skipped in the last pass (main-process iteration only)
         self.skip_counts: dict[str, int] = {}  # ... by reason
 
+    def sample_counts(self) -> list[int] | None:
+        """Each shard's sample count (manifest.json, else its tar headers; cached per file version), or None when
+        the pass is split by sample (`keys`, or a shard whose count cannot be known)."""
+        if self.keys is not None:
+            return None
+        counts = [sample_count(shard) for shard in self.shards]
+        return None if any(count is None for count in counts) else counts  # type: ignore[return-value]
+
+    def plan(self, world: int, workers: int) -> ValidationPlan | None:
+        """The shard-level plan of a pass over `world` ranks x `workers` workers; None: split by sample."""
+        counts = self.sample_counts()
+        return None if counts is None else plan_validation(counts, world, workers, self.max_samples)
+
+    def assignment(self, rank: int, world: int, worker: int = 0, workers: int = 1) -> list[str]:
+        """The shards that `worker` of `rank` reads (all of them when the pass is split by sample)."""
+        plan = self.plan(world, workers)
+        return self.shards if plan is None else [self.shards[i] for i in plan.slots[rank][worker]]
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world = distributed_rank()
         worker, workers = worker_rank()
-        _record_assignment("val", rank, world, worker, self.shards)
         return batches(self._padded(rank, world, worker, workers), self.batch_size, drop_last=False)
 
     def _target(self, raw: dict[str, Any]) -> dict[str, Any]:
         return build_targets(decode_sample(raw), self.min_depth, self.max_depth, vae_factor=1)
+
+    def _blank(self) -> dict[str, Any]:
+        """A shape template for a worker without a real sample: its batches are all padding, which no model runs."""
+        blank = {"key": PAD_KEY, "rgb": np.zeros((8, 8, 3), np.uint8), "depth": np.zeros((8, 8), np.float32),
+                 "mask": np.zeros((8, 8), bool), "meta": {}}  # fmt: skip
+        return build_targets(blank, self.min_depth, self.max_depth, vae_factor=1)
+
+    def _padded(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        """The samples `worker` of `rank` yields in a pass (real ones, then padding), unbatched."""
+        plan = self.plan(world, workers)
+        if plan is None:
+            _record_assignment("val", rank, world, worker, self.shards, split_by="sample")
+            return self._by_sample(rank, world, worker, workers)
+        mine = [self.shards[i] for i in plan.slots[rank][worker]]
+        _record_assignment("val", rank, world, worker, mine, split_by="shard")
+        return self._by_shard(plan, rank, worker)
+
+    def _by_shard(self, plan: ValidationPlan, rank: int, worker: int) -> Iterator[dict[str, Any]]:
+        errors = SkipLog("validation")
+        yielded = 0
+        template = held = None
+        # Each sample is held back until the next, so that skips after this worker's last sample still ride on it.
+        for index in plan.slots[rank][worker]:
+            url, cap = self.shards[index], plan.take[index]
+            extra = 0
+            raw_samples = read_shard(url, errors, limit=cap if plan.cut[index] else None)
+            for taken, raw in enumerate(raw_samples):
+                if taken >= cap:  # more than counted: capped, or the ranks' batch counts would differ
+                    extra += 1
+                    continue
+                try:
+                    sample = self._target(raw)
+                except SampleFormatError as err:
+                    errors.sample_error(err, raw)
+                    continue
+                sample["skipped"] = errors.take()
+                template = template or sample
+                if held is not None:
+                    yield held
+                held = sample
+                yielded += 1
+            if extra:
+                source = "its manifest.json lists" if expected_samples(url) is not None else "its tar headers show"
+                errors.skip(
+                    "bad_sample", extra,
+                    f"{extra} samples of shard {url} [bad_sample]: it holds more than the {cap} samples {source}; the "
+                    f"pass was planned from that count, so they are not evaluated (rewrite the folder's manifest.json)",
+                    (url, "extra samples"),
+                )  # fmt: skip
+        if held is not None:
+            held["skipped"] = held["skipped"] + errors.take()
+            yield held
+        self.skipped, self.skip_counts = errors.count, dict(errors.totals)
+        if plan.total == 0:
+            raise RuntimeError(
+                f"no readable validation samples in {len(self.shards)} shards"
+                + (f" (skipped {describe_skips(errors.totals)})" if errors.count else "")
+            )
+        level = logging.WARNING if errors.count else logging.INFO
+        log.log(level, "validation pass, rank %d worker %d: read %d samples of %d shards, skipped %s", rank, worker,
+                yielded, len(plan.slots[rank][worker]), describe_skips(errors.totals))  # fmt: skip
+        yield from self._pads(plan.quotas[worker] - yielded, template, errors)
+
+    def _pads(self, count: int, template: dict[str, Any] | None, errors: SkipLog) -> Iterator[dict[str, Any]]:
+        if count > 0 and template is None:
+            template = self._blank()
+        for _ in range(count):
+            pad = pad_like(template)
+            pad["skipped"] = errors.take()  # only counts that no real sample of this worker could carry
+            yield pad
 
     def _raw(self, errors: SkipLog) -> Iterator[dict[str, Any]]:
         raw = read_shards(self.shards, errors)
@@ -323,15 +513,15 @@ class ValidationStream(IterableDataset):
             raw = (sample for sample in raw if sample.get("__key__") in self.keys)
         return raw if self.max_samples is None else itertools.islice(raw, self.max_samples)
 
-    def _padded(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+    def _by_sample(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         errors = SkipLog("validation")
         # Every rank and worker reads every shard: only one counts what is wrong with the shards themselves.
         shard_errors = errors if rank == 0 and worker == 0 else SkipLog("validation", quiet=True)
         total = yielded = 0
         template = held = None
         seen: set[str] = set()
-        # Streams the tar files (nothing held in memory); only this worker's samples are decoded. Each sample is
-        # held back until the next, so that skips after this worker's last sample still ride on it.
+        # Streams the tar files (nothing held in memory); only this worker's samples are decoded, each held back
+        # until the next, as in `_by_shard`.
         for index, raw in enumerate(self._raw(shard_errors)):
             total += 1
             seen.add(raw.get("__key__"))
@@ -366,22 +556,7 @@ class ValidationStream(IterableDataset):
         level = logging.WARNING if errors.count else logging.INFO
         log.log(level, "validation pass, rank %d worker %d: read %d samples, skipped %s", rank, worker, yielded,
                 describe_skips(errors.totals))  # fmt: skip
-        if yielded < quota and template is None:
-            template = self._any_sample()
-        for _ in range(quota - yielded):
-            pad = pad_like(template)
-            pad["skipped"] = errors.take()  # only counts that no real sample of this worker could carry
-            yield pad
-
-    def _any_sample(self) -> dict[str, Any]:
-        """Some decodable sample of the set, as the shape template for padding."""
-        quiet = SkipLog("validation", quiet=True)
-        for raw in self._raw(quiet):
-            try:
-                return self._target(raw)
-            except SampleFormatError:
-                continue
-        raise RuntimeError(f"no decodable validation sample in {len(self.shards)} shards")
+        yield from self._pads(quota - yielded, template, errors)
 
 
 def pad_like(sample: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""`python -m experiments test` with an eval config: two DDP processes count every image once (slow: subprocesses)."""
+"""`python -m experiments test` with an eval config: two DDP processes count every image once and read every shard
+once (slow: subprocesses)."""
 
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -23,9 +25,14 @@ def test_eval_config_under_ddp_matches_one_device(tmp_path):
         "--trainer.enable_progress_bar=false",
     ]  # fmt: skip
     run_experiments_cli([*base, "--trainer.devices=1", "--trainer.logger.init_args.version=one"], tmp_path)
+    log = tmp_path / "shards.jsonl"
     output = run_experiments_cli([*base, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.logger.init_args.version=two"],
-                     tmp_path)  # fmt: skip
+                     tmp_path, env={"DGFT_SHARD_LOG": str(log)})  # fmt: skip
     assert "MEMBER: 2/2" in output  # two processes really ran
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {(r["rank"], r["world_size"], r["split_by"]) for r in records} == {(0, 2, "shard"), (1, 2, "shard")}
+    read = sorted(shard.rsplit("/", 1)[-1] for r in records for shard in r["shards"])
+    assert read == [f"test-{i:06d}.tar" for i in range(3)]  # each shard read once, by one rank
     rows = {}
     for version in ("one", "two"):
         folder = tmp_path / "runs" / "eval" / "nyuv2" / version
