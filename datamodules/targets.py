@@ -10,7 +10,7 @@ The streams (datamodules.streams) add `skipped`: int64 [len(SKIP_REASONS)] per s
 batch: column j counts the samples lost for reason `SKIP_REASONS[j]` by this dataloader worker's stream just before
 (since the previous sample it yielded), so `batch["skipped"].sum(0)` is what the batch's worker skipped since its
 previous batch, and summing it over all batches of a pass counts every skip once (shard-level skips of a
-validation pass are counted by rank 0 only; padding samples may carry counts, so sum before dropping padding).
+validation pass are counted by the one worker that reads the shard, or by rank 0 in a key-filtered pass; padding samples may carry counts, so sum before dropping padding).
 Counts are samples lost (a truncated shard counts every sample after the cut; an unreadable shard the samples its
 manifest lists, else 1).
 """

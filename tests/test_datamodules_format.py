@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import webdataset as wds
@@ -70,7 +71,9 @@ def test_shard_writer_rolls_over_and_is_atomic(tmp_path):
         for seed in range(5):
             writer.write(encoded(seed, 8, 8))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert names == ["manifest.json", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["samples_per_shard"] == [2, 2, 1] and manifest["shards"] == names[1:]
     keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "train-{000000..000002}.tar"), shardshuffle=False)]
     assert keys == [f"s{i}" for i in range(5)]
 

@@ -101,7 +101,7 @@ def _no_arguments(parser: ArgumentParser) -> None:
 
 COUNTS = {"nyuv2_normals": "654", "scannet_normals": "300", "ibims": "100", "sintel": "1 064"}
 DATASETS = [
-    Dataset(name, SETS[name][1], 64, _lister(name), partial(convert, name),
+    Dataset(name, SETS[name][1], 16, _lister(name), partial(convert, name),
             f"{SETS[name][0]} normals (DSINE dsine_eval) -> {COUNTS[name]} normals evaluation samples, native size",
             _no_arguments,
             "<scene>/<name>_img.png with <name>_normal.png (or .exr) and <name>_intrins.npy, in one dsine_eval/<dataset> folder")

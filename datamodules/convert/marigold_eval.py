@@ -282,19 +282,19 @@ def _no_arguments(parser: ArgumentParser) -> None:
 
 
 DATASETS = [
-    Dataset("nyuv2", "test", 64, list_nyuv2, convert_nyuv2,
+    Dataset("nyuv2", "test", 16, list_nyuv2, convert_nyuv2,
             "NYUv2 Eigen test (Marigold archive) -> 654 depth evaluation samples, 480x640", _no_arguments,
             "test/<scene>/rgb_NNNN.png with depth_NNNN.png (the unpacked Marigold nyuv2 archive)"),
-    Dataset("kitti", "test", 64, list_kitti, convert_kitti,
+    Dataset("kitti", "test", 16, list_kitti, convert_kitti,
             "KITTI Eigen test (Marigold archive) -> 652 depth evaluation samples, 352x1216", _no_arguments,
             "<date>/<drive>/image_02/data/<frame>.png and <drive>/proj_depth/groundtruth/image_02/<frame>.png"),
     Dataset("eth3d", "test", 4, list_eth3d, convert_eth3d,
             "ETH3D (Marigold archive) -> 454 depth evaluation samples, native 4032x6048", _no_arguments,
             "rgb/<scene>/images/dslr_images/DSC_NNNN.JPG and depth/<scene>_dslr_depth/<scene>/ground_truth_depth/dslr_images/DSC_NNNN.JPG"),
-    Dataset("scannet", "test", 64, list_scannet, convert_scannet,
+    Dataset("scannet", "test", 16, list_scannet, convert_scannet,
             "ScanNet (Marigold archive, 800 sampled val frames) -> depth evaluation samples, 480x640", _no_arguments,
             "<scene>/color/NNNNNN.jpg and <scene>/depth/NNNNNN.png"),
-    Dataset("diode", "val", 32, list_diode, convert_diode,
+    Dataset("diode", "val", 16, list_diode, convert_diode,
             "DIODE val (Marigold archive) -> 771 depth evaluation samples, 768x1024", _no_arguments,
             "{indoors,outdoor}/scene_*/scan_*/<name>.png with <name>_depth.npy and <name>_depth_mask.npy"),
 ]  # fmt: skip
