@@ -149,9 +149,13 @@ def check_fresh_run_folder(trainer: Any, ckpt_path: str | Path | None, env: Mapp
     Call it in `before_fit`, before `resolve_ckpt_path`.
     """
     logger = getattr(trainer, "logger", None)
-    if logger is None or getattr(logger, "_version", None) is None or ckpt_path == AUTO:
+    if logger is None or ckpt_path == AUTO:
         return
-    folder = Path(logger.log_dir)
+    version, log_dir = getattr(logger, "_version", None), getattr(logger, "log_dir", None)
+    # fast_dev_run swaps in a DummyLogger, whose attributes are no-op callables and whose log_dir is None
+    if not isinstance(version, (str, int)) or not isinstance(log_dir, (str, os.PathLike)):
+        return
+    folder = Path(log_dir)
     found = sorted(folder.rglob("*.ckpt")) if folder.is_dir() else []
     if not found:
         return

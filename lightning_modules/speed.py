@@ -23,8 +23,9 @@ class SpeedSpec:
     channels_last: UNet weights and inputs in NHWC memory layout (faster convolutions with bf16 on recent GPUs).
     compile_unet: `torch.compile` the UNet in place (`nn.Module.compile`: state-dict keys unchanged); the first
         steps are slow while it compiles.
-    optimizer_impl: AdamW implementation: `fused` (one kernel; CUDA, and CPU in recent torch), `foreach`
-        (multi-tensor), `for_loop` (per parameter, the reference's), `auto` = fused where supported, else foreach.
+    optimizer_impl: AdamW implementation: `fused` (one kernel per step), `foreach` (multi-tensor), `for_loop` (per
+        parameter, the reference's), `auto` = foreach. Not `fused` by default: Lightning's mixed-precision plugin
+        refuses gradient clipping (`gradient_clip_val`, set in our trainer presets) with a fused optimizer.
     attention_backend: `sdpa` (PyTorch's fused attention; the only one offered).
     """
 
@@ -50,12 +51,11 @@ def apply_to_unet(unet: nn.Module, spec: SpeedSpec) -> None:
 
 def adamw_options(parameters: Iterable[nn.Parameter], impl: OptimizerImpl) -> dict[str, Any]:
     """`torch.optim.AdamW` keywords selecting the implementation for parameters on their device."""
-    devices = {p.device.type for p in parameters}
-    fused_ok = devices <= {"cuda", "cpu", "mps", "xpu"}  # fused AdamW covers these since torch 2.4 (our minimum)
-    if impl == "auto":
-        impl = "fused" if fused_ok else "foreach"
     if impl == "fused":
+        devices = {p.device.type for p in parameters}
+        if not devices <= {"cuda", "cpu", "mps", "xpu"}:  # what fused AdamW covers since torch 2.4 (our minimum)
+            raise ValueError(f"fused AdamW does not support parameters on {sorted(devices)}; use foreach")
         return {"fused": True}
-    if impl == "foreach":
+    if impl in ("foreach", "auto"):
         return {"foreach": True}
     return {"foreach": False, "fused": False}

@@ -40,10 +40,10 @@ def test_optimizer_implementations_step_alike(impl):
         results.append(m.core.unet.conv_in.weight.detach().clone())
         defaults = optimizer.defaults
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-7)
-    expected = {"auto": "fused", "fused": "fused", "foreach": "foreach", "for_loop": None}[impl]
+    expected = {"auto": "foreach", "fused": "fused", "foreach": "foreach", "for_loop": None}[impl]
     assert (defaults.get("fused") is True) == (expected == "fused")
     assert (defaults.get("foreach") is True) == (expected == "foreach")
-    assert adamw_options([torch.nn.Parameter(torch.zeros(1))], "auto") == {"fused": True}
+    assert adamw_options([torch.nn.Parameter(torch.zeros(1))], "auto") == {"foreach": True}
 
 
 def test_bad_switches_are_refused():
