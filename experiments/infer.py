@@ -1,12 +1,17 @@
 """`python -m experiments.infer --model MODEL --input IMAGES --output FOLDER`: depth or normals for images on disk.
 
 MODEL is a diffusers folder (model_index.json or unet/), a Lightning checkpoint with the run's `--config`, or a
-Lightning checkpoint alone (it carries the module's hyperparameters). Each image is processed on its own at
+Lightning checkpoint alone (it carries the module's hyperparameters). Each image is predicted at
 `--processing_resolution` and written next to its relative path under FOLDER (docs/method.md §5.6 conventions).
+
+Speed (experiments/infer_pipeline.py): `--workers` processes decode images ahead of the model, in input order;
+up to `--batch_size` consecutive images of one size go through the model together; files are written by
+background threads (as many as workers, at least one) while the next batch is predicted.
 
 Reliability: options and the output folder are checked before the model is loaded; every file is written under a
 temporary name and renamed when complete; a rerun skips images whose files are all there (`--overwrite` redoes
-them); Ctrl-C stops with exit status 130 and a count of what was written. Unreadable files are reported and skipped;
+them); Ctrl-C stops with exit status 130 and a count of what was written (predictions already queued for writing
+are written first; a second Ctrl-C drops them). Unreadable files are reported and skipped;
 the exit status is 0 if every image that could be read was written (or already done), 1 if none was.
 """
 
@@ -20,14 +25,16 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from experiments.checkpoints import load_trained_model
-from lightning_modules.image_io import read_image
+from experiments.infer_pipeline import Decoded, ImageReader, OutputWriter, default_workers, equal_size_batches
 from lightning_modules.inference import InferenceSpec
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.predictor import predict
@@ -64,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed of member 0 (member k uses seed + k)")
     parser.add_argument(
         "--batch_size", type=int, default=1,
-        help="images per UNet batch in predict(); images are read one at a time, so 1 image per batch here",
+        help="consecutive images of one size predicted together (default 1; more uses more memory)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(),
+        help="processes decoding images ahead of the model, and threads writing the outputs (default: "
+        "min(4, CPUs - 1), here %(default)s; 0 = read in the main process, write in one thread)",
     )  # fmt: skip
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -101,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--ensemble must be >= 1, got {args.ensemble}")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0 (0 = read in the main process), got {args.workers}")
     if args.ensemble > 1 and args.init == "zeros":
         parser.error(f"--ensemble {args.ensemble} with --init zeros: every member would be identical; {ENSEMBLE_HINT}")
     problem = output_folder_problem(args.input, args.output)
@@ -351,7 +365,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     task = model.task
     print(
         f"{task.name} model {args.model} on {device}: {spec}, processing_resolution={resolution}, "
-        f"ensemble={args.ensemble}, bf16={args.bf16}"
+        f"ensemble={args.ensemble}, bf16={args.bf16}, batch_size={args.batch_size}, workers={args.workers}"
     )
     from_folder = _folder_settings_used(args, folder)
     if from_folder:
@@ -360,38 +374,71 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     with_uncertainty = args.ensemble > 1
     if task.output_files(args.output, with_uncertainty) is None and not args.overwrite:
         print(f"note: task {task.name!r} does not list its output files (Task.output_files): every image is redone")
-    skipped, done, unet_calls = [], 0, 0
+    todo = []
+    for path, stem in images:
+        expected = task.output_files(args.output / stem, with_uncertainty)
+        if args.overwrite or not expected or not all(p.is_file() for p in expected):
+            todo.append((path, stem))
+    done = len(images) - len(todo)
+
+    skipped: list[tuple[int, Path, str]] = []  # (position in todo, path, reason); appended by the writer too
+
+    def skip(index: int, reason: str, message: str) -> None:
+        skipped.append((index, todo[index][0], reason))
+        tqdm.write(f"warning: skipping {todo[index][0]}: {message}", file=sys.stderr)
+
+    def written(index: int) -> None:
+        progress.written += 1
+
+    def write_failed(index: int, error: BaseException) -> None:
+        skip(index, f"failed: {type(error).__name__}: {error}", f"cannot write its outputs: {error}")
+
+    def predict_batch(images: Tensor) -> dict[str, Any]:
+        return predict(
+            model.core, task, images, resolution, args.ensemble, spec, args.batch_size,
+            ensemble_options=task.ensemble_options(model.evaluation), bf16=args.bf16,
+        )  # fmt: skip
+
+    unet_calls = 0
     start = time.perf_counter()
-    with tqdm(images, desc="images", unit="img") as bar:  # closed on Ctrl-C too
-        for path, stem in bar:
-            expected = task.output_files(args.output / stem, with_uncertainty)
-            if not args.overwrite and expected and all(p.is_file() for p in expected):
-                done += 1
-                continue
-            try:
-                rgb = read_image(path)
-            except Exception as error:  # any decoder failure means the same thing: this file cannot be used
-                skipped.append((path, f"unreadable: {error}"))
-                tqdm.write(f"warning: skipping {path}: unreadable: {error}", file=sys.stderr)
-                continue
-            try:
-                result = predict(
-                    model.core, task, rgb[None], resolution, args.ensemble, spec, args.batch_size,
-                    ensemble_options=task.ensemble_options(model.evaluation), bf16=args.bf16,
-                )  # fmt: skip
+    # The workers are forked before any other thread of this process starts (the writer's, the progress bar's).
+    reader = ImageReader(
+        [path for path, _ in todo], args.workers, prefetch=2 * args.batch_size, pin_memory=device.type == "cuda",
+        warn=lambda message: tqdm.write(message, file=sys.stderr),
+    )  # fmt: skip
+    writer = None
+    try:
+        writer = OutputWriter(
+            lambda stem, prediction, uncertainty: task.write_outputs(args.output / stem, prediction, uncertainty),
+            capacity=max(2, 2 * args.batch_size), written=written, failed=write_failed, threads=max(1, args.workers),
+        )  # fmt: skip
+        with tqdm(total=len(todo), desc="images", unit="img") as bar:  # closed on Ctrl-C too
+
+            def unreadable(index: int, reason: str) -> None:
+                skip(index, reason, reason)
+                bar.update()
+
+            def failed(index: int, error: BaseException) -> None:  # e.g. out of memory on one huge image
+                skip(index, f"failed: {type(error).__name__}: {error}", str(error))
+                bar.update()
+
+            batches = equal_size_batches(reader, args.batch_size, unreadable)
+            for group, result in _predictions(batches, predict_batch, device, failed):
+                unet_calls += result["unet_calls"]
+                predictions = result[task.name].cpu()
                 uncertainty = result["uncertainty"]
-                task.write_outputs(
-                    args.output / stem,
-                    result[task.name][0].cpu(),
-                    uncertainty[0].cpu() if uncertainty is not None else None,
-                )
-            except (RuntimeError, OSError, ValueError) as error:  # e.g. out of memory on one huge image, disk full
-                skipped.append((path, f"failed: {type(error).__name__}: {error}"))
-                tqdm.write(f"warning: skipping {path}: {error}", file=sys.stderr)
-                continue
-            progress.written += 1
-            unet_calls += result["unet_calls"]
-    written = progress.written
+                uncertainty = uncertainty.cpu() if uncertainty is not None else None
+                for j, item in enumerate(group):
+                    uncertainty_j = uncertainty[j] if uncertainty is not None else None
+                    writer.put(item.index, todo[item.index][1], predictions[j], uncertainty_j)
+                bar.update(len(group))
+    finally:
+        try:
+            reader.close()
+        finally:
+            if writer is not None:
+                writer.close()  # every queued prediction is written, on Ctrl-C too (a second one drops them)
+    written_count = progress.written
     seconds = time.perf_counter() - start
 
     parts = []
@@ -401,15 +448,51 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         parts.append(f"{len(skipped)} unreadable or failed")
     detail = f": {', '.join(parts)}" if parts else ""
     print(
-        f"wrote {written} of {len(images)} images to {args.output} ({task.name}), skipped {done + len(skipped)}{detail}"
+        f"wrote {written_count} of {len(images)} images to {args.output} ({task.name}), "
+        f"skipped {done + len(skipped)}{detail}"
     )
-    per_image = f"{seconds / written:.3f} s/image" if written else "n/a"
+    per_image = (
+        f"{seconds / written_count:.3f} s/image, {written_count / seconds:.2f} images/s" if written_count else "n/a"
+    )
     print(f"UNet calls: {unet_calls}; time: {per_image} (model load {load_seconds:.1f} s)")
     if skipped:
         print("skipped:")
-        for path, reason in skipped:
+        for _, path, reason in sorted(skipped, key=lambda entry: entry[0]):
             print(f"  {path}: {reason}")
-    return 0 if written + done else 1
+    return 0 if written_count + done else 1
+
+
+PREDICT_ERRORS = (RuntimeError, OSError, ValueError)  # out of memory, say: that image fails, the run goes on
+
+
+def _predictions(
+    batches: Iterable[list[Decoded]],
+    predict_batch: Callable[[Tensor], dict[str, Any]],
+    device: torch.device,
+    failed: Callable[[int, BaseException], None],
+) -> Iterator[tuple[list[Decoded], dict[str, Any]]]:
+    """(images, their `predict` result) per batch; a batch that fails is retried one image at a time (its images
+    alone may fit in memory), and an image that fails alone goes to `failed(index, error)`."""
+    for batch in batches:
+        groups = [batch]
+        while groups:
+            group = groups.pop(0)
+            rgb = torch.stack([item.image.to(device, non_blocking=True) for item in group])
+            try:
+                result = predict_batch(rgb)
+            except PREDICT_ERRORS as error:
+                if len(group) == 1:
+                    failed(group[0].index, error)
+                    continue
+                tqdm.write(
+                    f"warning: a batch of {len(group)} images failed ({type(error).__name__}: {error}); predicting "
+                    "them one at a time", file=sys.stderr,
+                )  # fmt: skip
+                groups = [[item] for item in group] + groups
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            yield group, result
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,9 +32,13 @@ from lightning_modules.image_io import write_depth
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.tasks import build_task
 from lightning_modules.tiny import TinySpec
-from tests.helpers import export_model
+from tests.helpers import ROOT, export_model
 
 NAMES = ("a", "b", "c")  # images in the input folder, predicted in this order
+# the one-at-a-time path, and batches read ahead by workers (the pipeline of experiments/infer_pipeline.py)
+PIPELINES = pytest.mark.parametrize(
+    "pipeline", [["--workers", "0"], ["--batch_size", "2", "--workers", "2"]], ids=["one_at_a_time", "batched"]
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -123,8 +131,9 @@ def assert_no_traceback(captured: pytest.CaptureResult[str]) -> None:
 
 
 # ------------------------------------------------------------------------------ 1. atomic writes
+@PIPELINES
 def test_interrupt_inside_a_write_leaves_no_truncated_file(
-    depth_ckpt: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    depth_ckpt: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, pipeline: list[str]
 ) -> None:
     out = tmp_path / "out"
     save = Image.Image.save
@@ -136,19 +145,23 @@ def test_interrupt_inside_a_write_leaves_no_truncated_file(
         return save(self, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", interrupted_save)
-    assert infer_main(depth_ckpt, images, out) == 130
+    assert infer_main(depth_ckpt, images, out, *pipeline) == 130
     captured = capsys.readouterr()
     assert_no_traceback(captured)
-    assert f"interrupted: wrote 1 of 3 images to {out}" in captured.err
     # a is complete; b's npy and 16-bit PNG were finished before the interrupt, its colored PNG never appeared
-    assert files_of(out) == [
-        "a_depth.npy", "a_depth_16bit.png", "a_depth_colored.png", "b_depth.npy", "b_depth_16bit.png",
-    ]  # fmt: skip
+    expected = ["a_depth.npy", "a_depth_16bit.png", "a_depth_colored.png", "b_depth.npy", "b_depth_16bit.png"]
+    c_files = ["c_depth.npy", "c_depth_16bit.png", "c_depth_colored.png"]
+    if "0" in pipeline:  # one writer thread: c, queued behind b, is dropped
+        assert files_of(out) == expected
+    else:  # two writer threads: c may have been written while b was, whole; else not at all
+        assert files_of(out) in (expected, expected + c_files)
+    whole = 1 + (c_files[0] in files_of(out))
+    assert f"interrupted: wrote {whole} of 3 images to {out}" in captured.err
     assert_all_complete(out)
 
     monkeypatch.undo()
-    assert infer_main(depth_ckpt, images, out) == 0  # the rerun finishes b and c, and leaves a alone
-    assert "wrote 2 of 3 images" in capsys.readouterr().out
+    assert infer_main(depth_ckpt, images, out, *pipeline) == 0  # the rerun finishes b (and c), and leaves a alone
+    assert f"wrote {3 - whole} of 3 images" in capsys.readouterr().out
     assert len(files_of(out)) == 9
     assert_all_complete(out)
 
@@ -172,24 +185,53 @@ def test_a_failed_overwrite_keeps_the_old_file(tmp_path: Path, monkeypatch: pyte
     assert sorted(after) == sorted(before)  # no temporary file left
 
 
+@PIPELINES
+def test_a_failed_write_is_a_counted_skip(
+    depth_ckpt: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, pipeline: list[str]
+) -> None:
+    """Written by the background thread: the error is reported for its image, the others are written."""
+    save = Image.Image.save
+
+    def disk_full_for_b(self: Image.Image, fp, *args, **kwargs):
+        if getattr(fp, "name", "").find("b_depth_16bit") >= 0:
+            fp.write(b"\x89PNG")
+            raise OSError(28, "No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", disk_full_for_b)
+    out = tmp_path / "out"
+    assert infer_main(depth_ckpt, images, out, *pipeline) == 0
+    captured = capsys.readouterr()
+    assert_no_traceback(captured)
+    assert "wrote 2 of 3 images" in captured.out and "skipped 1: 1 unreadable or failed" in captured.out
+    assert f"{images / 'b.png'}: failed: OSError: [Errno 28] No space left on device" in captured.out
+    assert f"warning: skipping {images / 'b.png'}: cannot write its outputs" in captured.err
+    assert [f for f in files_of(out) if f.startswith("b")] == ["b_depth.npy"]
+    assert_all_complete(out)
+    monkeypatch.undo()
+    assert infer_main(depth_ckpt, images, out, *pipeline) == 0
+    assert "wrote 1 of 3 images" in capsys.readouterr().out and len(files_of(out)) == 9
+
+
 # ------------------------------------------------------------------------------ 2. reruns
+@PIPELINES
 def test_rerun_skips_complete_images_and_overwrite_redoes_them(
-    depth_ckpt: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    depth_ckpt: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture, pipeline: list[str]
 ) -> None:
     out = tmp_path / "out"
-    assert infer_main(depth_ckpt, images, out) == 0
+    assert infer_main(depth_ckpt, images, out, *pipeline) == 0
     capsys.readouterr()
     old = 10**18  # 2001: a file rewritten by a later run has a newer time whatever the clock's granularity
     for path in out.iterdir():
         os.utime(path, ns=(old, old))
     (out / "c_depth_16bit.png").unlink()  # c is incomplete now
-    assert infer_main(depth_ckpt, images, out) == 0
+    assert infer_main(depth_ckpt, images, out, *pipeline) == 0
     printed = capsys.readouterr().out
     assert "wrote 1 of 3 images" in printed and "skipped 2: 2 already done (--overwrite redoes them)" in printed
     rewritten = {p.name for p in out.iterdir() if p.stat().st_mtime_ns != old}
     assert rewritten == {"c_depth.npy", "c_depth_16bit.png", "c_depth_colored.png"}
 
-    assert infer_main(depth_ckpt, images, out, "--overwrite") == 0
+    assert infer_main(depth_ckpt, images, out, "--overwrite", *pipeline) == 0
     assert "wrote 3 of 3 images" in capsys.readouterr().out
     assert all(p.stat().st_mtime_ns != old for p in out.iterdir())
 
@@ -206,26 +248,64 @@ def test_output_files_are_the_files_written(task: str, with_uncertainty: bool, t
 
 
 # ------------------------------------------------------------------------------ 3. Ctrl-C
+@PIPELINES
 def test_ctrl_c_reports_what_was_written(
-    depth_ckpt: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    depth_ckpt: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, pipeline: list[str]
 ) -> None:
-    calls = []
+    predicted = []
     real_predict = infer.predict
 
-    def predict_then_interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
+    def predict_then_interrupt(core, task, rgb, *args, **kwargs):  # Ctrl-C while predicting the third image
+        predicted.extend([1] * len(rgb))
+        if len(predicted) >= 3:
             raise KeyboardInterrupt
-        return real_predict(*args, **kwargs)
+        return real_predict(core, task, rgb, *args, **kwargs)
 
     monkeypatch.setattr(infer, "predict", predict_then_interrupt)
     out = tmp_path / "out"
-    assert infer_main(depth_ckpt, images, out) == 130
+    # a and b may still wait in the writer's queue: they are written before the run stops
+    assert infer_main(depth_ckpt, images, out, *pipeline) == 130
     captured = capsys.readouterr()
     assert_no_traceback(captured)
     assert f"interrupted: wrote 2 of 3 images to {out}" in captured.err
     assert [f for f in files_of(out) if f.startswith("c")] == []
     assert len(files_of(out)) == 6
+    assert_all_complete(out)
+
+
+@pytest.mark.slow  # about 15 s on 2 loaded CPU cores, most of it the subprocess's imports
+def test_a_real_ctrl_c_stops_workers_writer_and_all(depth_ckpt: Path, tmp_path: Path) -> None:
+    """SIGINT to the whole process group, as a terminal sends it: the main process, its reading workers."""
+    many = tmp_path / "many"
+    many.mkdir()
+    rng = np.random.default_rng(0)
+    count = 48
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(many / f"{i:02d}.png")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "experiments.infer", "--model", str(depth_ckpt), "--input", str(many),
+               "--output", str(out), "--processing_resolution", "128", "--batch_size", "2", "--workers", "2"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("*_depth_colored.png")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stdout + stderr, stderr[-4000:]
+    message = stderr.split("interrupted: wrote ")[1]
+    written = int(message.split(" of ")[0])
+    assert message.startswith(f"{written} of {count} images to {out}") and 0 < written < count
+    # exactly the images counted are there, each whole (what was queued was written first), no temporary file
+    complete = {f.split("_depth")[0] for f in files_of(out)}
+    assert len(complete) == written and len(files_of(out)) == 3 * written
     assert_all_complete(out)
 
 
