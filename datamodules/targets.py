@@ -37,23 +37,21 @@ SKIP_REASONS: tuple[str, ...] = (
     "bad_size",  # a training image whose size is not a multiple of the VAE factor (8)
     "bad_sample",  # any other violation of the shard format
 )
-_QUANTILE_LIMIT = 16_000_000  # torch.quantile refuses larger inputs
 
 
 def _quantiles(values: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
-    """Linear-interpolated quantiles like torch.quantile, also for inputs beyond its size limit."""
-    if values.numel() <= _QUANTILE_LIMIT:
-        q = torch.quantile(values, torch.tensor([low, high], dtype=values.dtype))
-        return q[0], q[1]
-    ordered = values.sort().values
-    return _interpolated(ordered, low), _interpolated(ordered, high)
+    """torch.quantile's linear-interpolated quantiles, bit for bit, by selection instead of a full sort.
 
-
-def _interpolated(ordered: Tensor, q: float) -> Tensor:
-    position = q * (ordered.numel() - 1)
-    below = int(position)
-    above = min(below + 1, ordered.numel() - 1)
-    return ordered[below] + (position - below) * (ordered[above] - ordered[below])
+    `np.partition` finds the four order statistics in linear time (torch.quantile sorts: 4x slower at 480x640, and
+    it refuses inputs over 16 M values); `torch.lerp` interpolates them the way torch.quantile does.
+    """
+    # torch.quantile's arithmetic: ranks in the values' dtype, floor and ceil, lerp by the fractional part
+    ranks = torch.tensor([low, high], dtype=values.dtype) * (values.numel() - 1)
+    below, above = ranks.long(), ranks.ceil().long()
+    indices = sorted(set(below.tolist() + above.tolist()))
+    ordered = torch.from_numpy(np.partition(values.detach().cpu().numpy().ravel(), indices))
+    q = torch.lerp(ordered[below], ordered[above], ranks - below)
+    return q[0], q[1]
 
 
 def build_targets(
@@ -71,9 +69,10 @@ def build_targets(
             f"{key}: image size {height}x{width} is not a multiple of {vae_factor}; resize or crop when converting",
             "bad_size",
         )
-    rgb = torch.from_numpy(sample["rgb"]).permute(2, 0, 1).float() / 255 * 2 - 1
+    # channels first while still uint8: the float maths then runs on contiguous memory
+    rgb = torch.from_numpy(sample["rgb"]).permute(2, 0, 1).contiguous().float().mul_(2 / 255).sub_(1)
     depth = torch.from_numpy(np.ascontiguousarray(sample["depth"], dtype=np.float32))[None]
-    mask = torch.from_numpy(np.asarray(sample["mask"], dtype=bool))[None]
+    mask = torch.from_numpy(np.array(sample["mask"], dtype=bool))[None]  # a copy: `&=` below must not edit the input
     meta = sample.get("meta", {})
     has_depth = meta.get("has_depth", True)  # false: a normals-only sample, its stored mask is the normals' one
     own_low, own_high = meta.get("min_depth"), meta.get("max_depth")  # null = absent (checked by decode_sample)
@@ -86,17 +85,17 @@ def build_targets(
     target = torch.zeros_like(depth)
     normalised = torch.zeros_like(depth)
     if has_depth and mask.any():
-        q2, q98 = _quantiles(depth[mask], 0.02, 0.98)
+        q2, q98 = _quantiles(torch.from_numpy(depth.numpy()[mask.numpy()]), 0.02, 0.98)  # numpy indexes 3x faster
         if q98 > q2:
             target = torch.where(mask, depth.clamp(q2, q98), q98)
-            normalised = (2 * (target - q2) / (q98 - q2) - 1).clamp(-1, 1)
+            normalised = (target - q2).mul_(2).div_(q98 - q2).sub_(1).clamp_(-1, 1)  # 2 (t - q2) / (q98 - q2) - 1
         else:  # constant depth: no affine-invariant signal
             mask = torch.zeros_like(mask)
             depth = torch.zeros_like(depth)
 
     if "normals" in sample:
-        normals = torch.from_numpy(np.ascontiguousarray(sample["normals"], dtype=np.float32)).permute(2, 0, 1)
-        normals = torch.where(mask, normals, torch.zeros_like(normals))
+        normals = np.ascontiguousarray(np.asarray(sample["normals"], dtype=np.float32).transpose(2, 0, 1))
+        normals = torch.where(mask, torch.from_numpy(normals), 0.0)
     else:
         normals = torch.zeros(3, height, width)
     return {
@@ -150,5 +149,5 @@ def hflip(sample: dict[str, Any]) -> dict[str, Any]:
     flipped = {k: (v.flip(-1) if isinstance(v, Tensor) else v) for k, v in sample.items()}
     for key, signs in FLIP_SIGNS.items():
         if key in flipped:
-            flipped[key] = flipped[key] * torch.tensor(signs).view(-1, 1, 1)
+            flipped[key] = flipped[key].mul_(torch.tensor(signs).view(-1, 1, 1))  # the flip made a copy
     return flipped

@@ -15,6 +15,7 @@ from experiments.console import add_step_progress_bar, announce_run_folder, sile
 from experiments.protocol_check import require_matching_protocol
 from experiments.run_dir import check_fresh_run_folder, pin_run_folder, resolve_ckpt_path
 from experiments.standin import resolve_pretrained
+from experiments.wiring import match_decoding
 
 
 class ExperimentCLI(LightningCLI):
@@ -44,6 +45,7 @@ class ExperimentCLI(LightningCLI):
         check = getattr(self.datamodule, "check_shards", None)
         if check is not None:
             check(split)
+        match_decoding(self.model, self.datamodule)
 
     def before_validate(self) -> None:
         self._check_shards("val")

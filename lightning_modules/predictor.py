@@ -105,10 +105,10 @@ def predict(
     """Predict for RGB images [B,3,H,W] in [0,1], in the task's output conventions at the input size.
 
     Returns `{task.name: prediction [B,C,H,W], "uncertainty": [B,1,H,W] or None, "unet_calls": int}`, float32 on
-    the model's device. Ensemble members use seeds `spec.seed + k`; with a stochastic initial latent an image's
-    noise also depends on its position within a batch of `batch_size` images. `ensemble_options` go to the task's
-    `ensemble` (depth: `ensemble_depth` keywords, e.g. a `DEPTH_ENSEMBLE_PRESETS` entry); ensembling happens at
-    processing resolution, as in Marigold.
+    the model's device. Ensemble member k starts from the noise of seed `spec.seed + k`, the same for every image
+    whatever its position in the batch (batching changes results only by float round-off). `ensemble_options` go
+    to the task's `ensemble` (depth: `ensemble_depth` keywords, e.g. a `DEPTH_ENSEMBLE_PRESETS` entry); ensembling
+    happens at processing resolution, as in Marigold.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images [B,3,H,W], got {tuple(images.shape)}")

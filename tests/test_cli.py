@@ -20,6 +20,15 @@ def test_fit_fast_dev_run(tmp_path, shard_cache, model):
     cli = main(["fit", *tiny_run_args(tmp_path, model, shard_cache), "--trainer.fast_dev_run=true"])
     assert cli.trainer.global_step == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert cli.datamodule.decode_normals is False  # a depth model: normals.png is never decoded
+
+
+def test_normals_model_decodes_normals_and_refuses_them_off(tmp_path, shard_cache):
+    args = tiny_run_args(tmp_path, "e2e_normals_tiny", shard_cache)
+    cli = main(["fit", *args, "--trainer.fast_dev_run=true"])
+    assert cli.datamodule.decode_normals is True and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    with pytest.raises(SystemExit, match="decode_normals is false, but the 'normals' task reads normals"):
+        main(["fit", *args, "--trainer.fast_dev_run=true", "--data.init_args.decode_normals=false"])
 
 
 def test_fit_checkpoint_then_validate(tmp_path, shard_cache):

@@ -80,6 +80,40 @@ def test_train_batches_follow_the_contract_and_flip(tmp_path):
     assert (batch["depth"][:, 0, 0, 0] > batch["depth"][:, 0, 0, -1]).all()  # depth grew left-to-right before the flip
 
 
+def with_normals(index: int, corrupt: bool = False) -> dict:
+    """`tiny(index)` with normals facing the camera (or an undecodable normals.png)."""
+    normals = np.zeros((8, 8, 3), np.float32)
+    normals[..., 2] = 1
+    raw = encode_sample(f"n{index}", np.full((8, 8, 3), index, np.uint8), np.linspace(1, 2, 64, dtype=np.float32).reshape(8, 8) + index,
+                        np.ones((8, 8), bool), normals, meta={"source": "t"})  # fmt: skip
+    if corrupt:
+        raw["normals.png"] = b"not a png"
+    return raw
+
+
+@pytest.mark.parametrize("stream_kind", ["train", "validation"])
+def test_normals_are_decoded_only_when_asked(tmp_path, stream_kind):
+    with ShardWriter(tmp_path, "train", 2) as writer:
+        for index in range(4):
+            writer.write(with_normals(index, corrupt=index == 3))
+    shards = [str(p) for p in writer.written]
+
+    def batch_of(decode_normals: bool) -> dict:
+        if stream_kind == "train":
+            stream = TrainStream(shards[:1], 2, shuffle_buffer=1, hflip_prob=0.0, decode_normals=decode_normals)
+        else:
+            stream = ValidationStream(shards, 4, decode_normals=decode_normals)
+        return next(iter(stream))
+
+    decoded, skipped = batch_of(True), batch_of(False)
+    assert torch.allclose(decoded["normals"][:2, 2], torch.ones(1), atol=1e-4) and not skipped["normals"].any()
+    for key in ("rgb", "depth", "depth_target", "mask"):
+        assert torch.equal(decoded[key][:2], skipped[key][:2]), key
+    if stream_kind == "validation":  # the corrupt normals.png: a counted skip only when it is decoded
+        assert decoded["key"] == ["n0", "n1", "n2", PAD_KEY] and skip_totals(decoded["skipped"]) == {"bad_image": 1}
+        assert skipped["key"] == ["n0", "n1", "n2", "n3"] and not skipped["skipped"].any()
+
+
 def test_seed_offset_changes_the_order(tmp_path):
     shards = write_shards(tmp_path, 8)
     order = lambda s: [k for b in islice(iter(s), 4) for k in b["key"]]  # noqa: E731

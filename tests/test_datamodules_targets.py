@@ -64,12 +64,19 @@ def test_nan_depth_is_invalid():
     assert all(torch.isfinite(out[k]).all() for k in ("depth", "depth_target", "depth_norm"))
 
 
-def test_large_inputs_use_an_equivalent_quantile(monkeypatch):
-    values = torch.rand(1001) * 10
-    expected = torch.quantile(values, torch.tensor([0.02, 0.98]))
-    monkeypatch.setattr(targets, "_QUANTILE_LIMIT", 100)
+def test_quantiles_equal_torch_quantile_bit_for_bit():
+    generator = torch.Generator().manual_seed(0)
+    for n in [1, 2, 3, 49, 50, 51, 297, 1001, 307_200]:
+        values = torch.rand(n, generator=generator) * 10
+        expected = torch.quantile(values, torch.tensor([0.02, 0.98]))
+        assert torch.equal(torch.stack(targets._quantiles(values, 0.02, 0.98)), expected), n
+
+
+def test_quantiles_of_inputs_torch_quantile_refuses():
+    values = torch.arange(16_777_217, dtype=torch.float32).flip(0)  # over torch.quantile's 16 M limit
     low, high = targets._quantiles(values, 0.02, 0.98)
-    torch.testing.assert_close(torch.stack([low, high]), expected)
+    n = values.numel() - 1
+    assert low == pytest.approx(0.02 * n, abs=1) and high == pytest.approx(0.98 * n, abs=1)
 
 
 def test_odd_sizes_are_a_clear_error():

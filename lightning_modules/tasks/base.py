@@ -37,6 +37,9 @@ class Task(ABC):
     # diffusers pipeline class name and model_index.json keys of an exported folder; None = not exportable
     pipeline: ClassVar[tuple[str, dict[str, Any]] | None] = None
     pipeline_output: ClassVar[str] = ""  # what the exported pipeline's `.prediction` holds, for usage lines
+    # Whether the batch's `normals` are read (loss, metrics, previews); False lets the data skip decoding
+    # normals.png (experiments sets the datamodule's `decode_normals` from it).
+    needs_normals: ClassVar[bool] = True
 
     # ------------------------------------------------------------------------------------------- training
     @abstractmethod

@@ -28,6 +28,7 @@ class DepthTask(Task):
     """Affine-invariant depth."""
 
     name = "depth"
+    needs_normals = False
     columns = (
         ("abs_rel", "AbsRel (%)", 100), ("sq_rel", "SqRel", 1), ("rmse", "RMSE", 1), ("rmse_log", "RMSE log", 1),
         ("log10", "log10", 1), ("delta1", "δ1 (%)", 100), ("delta2", "δ2 (%)", 100), ("delta3", "δ3 (%)", 100),
