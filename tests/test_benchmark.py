@@ -67,6 +67,16 @@ def test_train_runs_every_configuration_and_implementation(tmp_path: Path) -> No
         assert row["speedup_vs_reference"] == pytest.approx(ms["reference"] / ms["lightning"])
 
 
+def test_train_speed_switches_are_configurations(tmp_path: Path) -> None:
+    doc = run_mode(
+        tmp_path, "train", "--height", "32", "--width", "32", "--no_memory", "--objectives", "e2e", "--checkpointing",
+        "off", "--precisions", "32-true", "--channels_last", "off", "on", "--optimizer_impl", "for_loop",
+    )  # fmt: skip
+    assert [row["channels_last"] for row in doc["results"]] == [False, True]
+    assert doc["settings"]["optimizer_impl"] == "for_loop" and doc["settings"]["channels_last"] == [False, True]
+    assert all(set(row["impls"]) == set(IMPLS) for row in doc["results"])
+
+
 def test_train_peak_memory_is_measured_per_fresh_process(tmp_path: Path) -> None:
     doc = run_mode(
         tmp_path, "train", "--height", "32", "--width", "32", "--objectives", "diffusion", "--checkpointing", "on",

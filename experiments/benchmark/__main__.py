@@ -66,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpointing", nargs="+", type=on_off, default=[False, True], help="off, on or both")
     train.add_argument("--impls", nargs="+", choices=["lightning", "bare", "reference"],
                        default=["lightning", "bare", "reference"])  # fmt: skip
+    train.add_argument(
+        "--channels_last",
+        nargs="+",
+        type=on_off,
+        default=[False],
+        help="UNet in channels_last (SpeedSpec.channels_last) for ours and bare: off, on or both",
+    )
+    train.add_argument(
+        "--optimizer_impl",
+        choices=["auto", "fused", "foreach", "for_loop"],
+        default="auto",
+        help="AdamW of ours and bare (SpeedSpec.optimizer_impl); the reference keeps torch's default",
+    )
     train.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurement")
     train.add_argument("--grad_clip", type=float, default=0.0, help="gradient-norm clipping in every implementation")
     pred = p.add_argument_group("predict")
@@ -130,7 +143,8 @@ def run(args: argparse.Namespace, notes: list[str]) -> tuple[dict[str, Any], Any
         s = TrainSettings(
             arch=args.arch, device=args.device, batch=args.batch, height=args.height, width=args.width,
             objectives=args.objectives, checkpointing=args.checkpointing, precisions=args.precisions,
-            impls=args.impls, memory=not args.no_memory, grad_clip=args.grad_clip, **common,
+            impls=args.impls, channels_last=args.channels_last, optimizer_impl=args.optimizer_impl,
+            memory=not args.no_memory, grad_clip=args.grad_clip, **common,
         )  # fmt: skip
         notes.append("ours (lightning) and bare step on one fixed batch already on the device; the reference "
                      "decodes and preprocesses its samples in the step, in fp32 whatever the precision column says")  # fmt: skip

@@ -23,6 +23,7 @@ from experiments.benchmark.timing import clock
 from lightning_modules.core import GeometryCore
 from lightning_modules.module import GeometryEstimator
 from lightning_modules.objectives import Objective
+from lightning_modules.speed import adamw_options
 from lightning_modules.tasks import Task
 
 QUIET_WARNINGS = (
@@ -50,9 +51,12 @@ def quiet_lightning() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def adamw(core: GeometryCore) -> torch.optim.AdamW:
-    """AdamW on the UNet with GeometryEstimator's default hyper-parameters."""
-    return torch.optim.AdamW(core.unet.parameters(), lr=3e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+def adamw(core: GeometryCore, impl: str | None = "auto") -> torch.optim.AdamW:
+    """AdamW on the UNet with GeometryEstimator's default hyper-parameters; `impl` as `SpeedSpec.optimizer_impl`,
+    None = torch's own default (the reference trainer's)."""
+    options = {} if impl is None else adamw_options(core.unet.parameters(), impl)
+    return torch.optim.AdamW(core.unet.parameters(), lr=3e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                             **options)  # fmt: skip
 
 
 def free_gradients(core: GeometryCore) -> None:
@@ -72,9 +76,10 @@ class StepRunner:
         bf16: bool,
         batch: dict[str, Any] | None = None,
         grad_clip: float = 0.0,
+        optimizer_impl: str | None = "auto",
     ) -> None:
         self.core, self.task, self.objective, self.device, self.bf16 = core, task, objective, device, bf16
-        self.batch, self.grad_clip = batch, grad_clip
+        self.batch, self.grad_clip, self.optimizer_impl = batch, grad_clip, optimizer_impl
         self.optimizer: torch.optim.Optimizer | None = None
 
     def optimizer_step(self, batch: dict[str, Any]) -> None:
@@ -94,7 +99,7 @@ class StepRunner:
     def run(self, warmup: int, iters: int) -> float:
         """Seconds per optimiser step over `iters` steps after `warmup` steps."""
         self.core.train()
-        self.optimizer = adamw(self.core)
+        self.optimizer = adamw(self.core, self.optimizer_impl)
         try:
             for _ in range(warmup):
                 self.step()

@@ -39,14 +39,16 @@ def probe(payload: dict[str, Any]) -> dict[str, float]:
     """In the child: build, run one implementation of one configuration, report model and peak RSS in MB."""
     import torch
 
-    from experiments.benchmark.train import Config, Setup, TrainSettings
+    from experiments.benchmark.train import Config, Setup, TrainSettings, set_layout
 
     reset_peak()
     if payload["threads"]:
         torch.set_num_threads(payload["threads"])
     settings = TrainSettings(**{**payload["settings"], "impls": [payload["impl"]]})
     setup = Setup(settings)
-    runner = setup.runner(payload["impl"], Config(**payload["config"]))
+    config = Config(**payload["config"])
+    runner = setup.runner(payload["impl"], config)
+    set_layout(setup.model.core, config, payload["impl"])
     model_mb = status_mb("VmRSS")
     runner.run(settings.warmup, 1)
     return {"model_mb": model_mb, "peak_mb": status_mb("VmHWM")}

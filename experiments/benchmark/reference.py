@@ -36,7 +36,7 @@ class ReferenceStep(StepRunner):
         grad_clip: float = 0.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(core, task, objective, device, bf16=False, grad_clip=grad_clip)
+        super().__init__(core, task, objective, device, bf16=False, grad_clip=grad_clip, optimizer_impl=None)
         self.raw, self.batch_size, self.next = raw_samples, batch, 0
         self.rng = random.Random(seed)
 

@@ -20,6 +20,7 @@ from experiments.benchmark.models import BenchModel, build_model, estimator_for,
 from experiments.benchmark.reference import ReferenceStep
 from experiments.benchmark.timing import Stats, interleaved
 from lightning_modules.objectives import DiffusionObjective, E2EObjective, Objective
+from lightning_modules.speed import SpeedSpec
 
 OBJECTIVES: dict[str, type[Objective]] = {"e2e": E2EObjective, "diffusion": DiffusionObjective}
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -44,6 +45,8 @@ class TrainSettings:
     warmup: int = 1
     iters: int = 3
     repeats: int = 3
+    channels_last: list[bool] = field(default_factory=lambda: [False])
+    optimizer_impl: str = "auto"
     memory: bool = True
     grad_clip: float = 0.0
     seed: int = 0
@@ -56,10 +59,13 @@ class Config:
     objective: str
     checkpointing: bool
     precision: str
+    channels_last: bool = False
 
 
 def configs(s: TrainSettings) -> list[Config]:
-    return [Config(o, c, p) for o in s.objectives for c in s.checkpointing for p in s.precisions]
+    return [
+        Config(o, c, p, m) for o in s.objectives for c in s.checkpointing for p in s.precisions for m in s.channels_last
+    ]
 
 
 class Setup:
@@ -83,13 +89,20 @@ class Setup:
         set_checkpointing(core, config.checkpointing)
         if impl == "lightning":
             self.module.objective = objective
+            self.module.speed = SpeedSpec(channels_last=config.channels_last, optimizer_impl=s.optimizer_impl)
             return LightningRun(self.module, self.batch, self.device, config.precision, s.grad_clip)
         if impl == "bare":
             bf16 = config.precision == "bf16-mixed"
-            return StepRunner(core, task, objective, self.device, bf16, self.batch, s.grad_clip)
+            return StepRunner(core, task, objective, self.device, bf16, self.batch, s.grad_clip, s.optimizer_impl)
         if impl == "reference":
             return ReferenceStep(core, task, objective, self.raw, s.batch, self.device, s.grad_clip, s.seed)
         raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
+
+
+def set_layout(core: torch.nn.Module, config: Config, impl: str) -> None:
+    """Ours and the bare loop in the configuration's layout (SpeedSpec.channels_last); the reference contiguous."""
+    channels_last = config.channels_last and impl != "reference"
+    core.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def measure_config(setup: Setup, config: Config) -> dict[str, dict[str, Any]]:
@@ -99,6 +112,7 @@ def measure_config(setup: Setup, config: Config) -> dict[str, dict[str, Any]]:
     peaks: dict[str, tuple[int, int]] = {impl: (0, 0) for impl in s.impls}
 
     def run(impl: str) -> float:
+        set_layout(setup.model.core, config, impl)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
