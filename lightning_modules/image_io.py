@@ -84,9 +84,12 @@ def _save_npy(path: Path, array: np.ndarray) -> Path:
     return atomic_write(path, lambda handle: np.save(handle, array))
 
 
+PNG_COMPRESS_LEVEL = 1  # zlib level of prediction PNGs: at 480x640 half the time of Pillow's 6, files ~2% larger
+
+
 def _save_png(path: Path, image: Image.Image) -> Path:
     # The temporary name has no .png suffix for Pillow to infer the format from.
-    return atomic_write(path, lambda handle: image.save(handle, format="PNG"))
+    return atomic_write(path, lambda handle: image.save(handle, format="PNG", compress_level=PNG_COMPRESS_LEVEL))
 
 
 def depth_files(stem: str | Path) -> list[Path]:

@@ -99,6 +99,7 @@ def test_predict_latency_floor_infer_and_plots(tmp_path: Path) -> None:
     single, multi = results["rows"]
     assert (single["steps"], single["members"], single["unet_calls"]) == (1, 1, 1)
     assert (multi["steps"], multi["members"], multi["unet_calls"]) == (2, 2, 4)
+    assert single["ensemble_ms"] is None and 0 < multi["ensemble_ms"]["median"] < multi["ours_ms"]["median"]
     for row in results["rows"] + results["sweep_size"] + results["sweep_members"]:
         for key in ("ours_ms", "floor_ms", "floor_alone_ms"):
             check_stats(row[key])

@@ -27,7 +27,7 @@ from experiments.benchmark.timing import Stats, clock, interleaved
 from lightning_modules.evaluation import EvalSpec
 from lightning_modules.export import export_to_diffusers
 from lightning_modules.inference import InferenceSpec
-from lightning_modules.predictor import predict, processing_size
+from lightning_modules.predictor import _predict_members, predict, processing_size
 
 
 @dataclass
@@ -126,11 +126,22 @@ def ours_vs_floor(
         {"ours": lambda: per_call(ours, s.iters, device), "floor": lambda: per_call(floor, s.iters, device)}, s.repeats
     )
     ours_ms, floor_ms = Stats.of(times["ours"]).scaled(1000), Stats.of(times["floor"]).scaled(1000)
+    ensemble_ms = ensemble_cost(ours, s.repeats).scaled(1000).as_dict() if members > 1 else None
     return dict(
         height=size[0], width=size[1], steps=steps, members=members, unet_calls=ours.unet_calls,
         ours_ms=ours_ms.as_dict(), floor_ms=floor_ms.as_dict(), floor_alone_ms=alone.scaled(1000).as_dict(),
-        ours_vs_floor=ours_ms.median / floor_ms.median,
+        ours_vs_floor=ours_ms.median / floor_ms.median, ensemble_ms=ensemble_ms,
     )  # fmt: skip
+
+
+def ensemble_cost(ours: Ours, repeats: int) -> Stats:
+    """Seconds of the task's ensembling alone, on the members one of ours' predictions fuses (part of ours' time)."""
+    core, task = ours.model.core, ours.model.task
+    size = processing_size(*ours.images.shape[-2:], ours.resolution)
+    with torch.no_grad():
+        members = _predict_members(core, task, ours.images, size, ours.members, ours.spec, 1, ours.bf16)[0]
+    device = members.device
+    return Stats.of([per_call(lambda: task.ensemble(members, ours.options), 1, device) for _ in range(repeats)])
 
 
 @contextlib.contextmanager
