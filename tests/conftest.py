@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import ROOT  # noqa: F401  transitional: tests/test_evaluation.py still imports ROOT from here
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +21,13 @@ def tiny_sd2_folder(tmp_path_factory) -> Path:
     from lightning_modules.standin_folder import save_tiny_sd2_folder
 
     return save_tiny_sd2_folder(tmp_path_factory.mktemp("tiny_sd2") / "sd2")
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("single_thread")`): tiny convolutions gain
+    nothing from threads, and on a busy machine thread contention makes them about 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning
@@ -24,13 +23,7 @@ from tests.helpers import export_model
 GOOD = {"rgb": (40, 56), "gray16": (33, 47), "rgba": (30, 30), "sub/photo": (24, 36)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny convolutions gain nothing from threads, and on a busy machine thread contention makes them ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

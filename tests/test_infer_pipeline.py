@@ -28,12 +28,7 @@ MIXED = {"a": (40, 56), "b": (40, 56), "c": (40, 56), "d": (33, 47), "e": (33, 4
 CORRUPT = "c2.png"  # sorted between c and d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

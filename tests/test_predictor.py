@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from diffusers.pipelines.marigold.marigold_image_processing import MarigoldImageProcessor
@@ -14,14 +12,7 @@ from lightning_modules.module import GeometryEstimator
 from lightning_modules.predictor import predict, processing_size
 from lightning_modules.tiny import TinySpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny convolutions gain nothing from threads, and on a busy machine thread contention makes them ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
