@@ -172,8 +172,10 @@ def _read_png(data: bytes, key: str, member: str) -> np.ndarray:
         raise SampleFormatError(f"{key}: cannot decode {member}: {type(err).__name__}: {err}", "bad_image") from err
 
 
-def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """Unpack raw WebDataset members (bytes) into numpy arrays with exact dtypes and a metadata dict."""
+def decode_sample(raw: dict[str, Any], normals: bool = True) -> dict[str, Any]:
+    """Unpack raw WebDataset members (bytes) into numpy arrays with exact dtypes and a metadata dict.
+
+    `normals=False` leaves `normals.png` undecoded and unchecked (the sample then has no `normals`)."""
     key = f"{raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
     missing = [m for m in REQUIRED_MEMBERS if m not in raw]
     if missing:
@@ -207,7 +209,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     if meta.get("has_depth", True):
         mask &= depth > 0
     sample = {"key": str(raw.get("__key__", "?")), "rgb": rgb, "depth": depth, "mask": mask, "meta": meta}
-    if "normals.png" in raw:
+    if normals and "normals.png" in raw:
         quantised = _read_png(raw["normals.png"], key, "normals.png").astype(np.float32)
         if quantised.shape != rgb.shape:
             reason = "size_mismatch" if quantised.shape[2:] == (3,) else "bad_image"

@@ -232,18 +232,13 @@ def read_shards(urls: Iterable[str], skips: SkipLog) -> Iterator[dict[str, Any]]
         yield from read_shard(url, skips)
 
 
-def without_normals(raw: dict[str, Any]) -> dict[str, Any]:
-    """The raw sample without its normals.png, which then is neither decoded nor checked (batch normals are zero)."""
-    return {k: v for k, v in raw.items() if k != "normals.png"}
-
-
 def _decoded(
     raw_samples: Iterable[dict[str, Any]], errors: SkipLog, transform: Callable, decode_normals: bool = True
 ) -> Iterator[dict]:
     """Decoded, transformed samples, each with the skip counts since the previous one as its `skipped` row."""
     for raw in raw_samples:
         try:
-            sample = transform(decode_sample(raw if decode_normals else without_normals(raw)))
+            sample = transform(decode_sample(raw, normals=decode_normals))
         except SampleFormatError as err:
             errors.sample_error(err, raw)
             continue
@@ -449,8 +444,8 @@ class ValidationStream(IterableDataset):
         return batches(self._padded(rank, world, worker, workers), self.batch_size, drop_last=False)
 
     def _target(self, raw: dict[str, Any]) -> dict[str, Any]:
-        raw = raw if self.decode_normals else without_normals(raw)
-        return build_targets(decode_sample(raw), self.min_depth, self.max_depth, vae_factor=1)
+        decoded = decode_sample(raw, normals=self.decode_normals)
+        return build_targets(decoded, self.min_depth, self.max_depth, vae_factor=1)
 
     def _blank(self) -> dict[str, Any]:
         """A shape template for a worker without a real sample: its batches are all padding, which no model runs."""

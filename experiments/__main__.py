@@ -40,27 +40,28 @@ class ExperimentCLI(LightningCLI):
             # `standin:sd2` -> the framework's own SD2-layout stand-in, built into the cache on first use
             init_args.pretrained = resolve_pretrained(init_args.pretrained)
 
-    def _check_shards(self, split: str) -> None:
-        """Missing shards stop here, before the logger creates a run folder: one message with the convert command."""
+    def _prepare_data(self, split: str) -> None:
+        """Missing shards stop here, before the logger creates a run folder (one message with the convert command);
+        then the datamodule learns what the model reads (`decode_normals`)."""
         check = getattr(self.datamodule, "check_shards", None)
         if check is not None:
             check(split)
         match_decoding(self.model, self.datamodule)
 
     def before_validate(self) -> None:
-        self._check_shards("val")
+        self._prepare_data("val")
 
     def before_test(self) -> None:
-        self._check_shards("test")
+        self._prepare_data("test")
         allow = bool(self.config["test"].get("allow_protocol_mismatch"))
         require_matching_protocol(self.model, self.datamodule, allow)
 
     def before_predict(self) -> None:
-        self._check_shards("predict")
+        self._prepare_data("predict")
 
     def before_fit(self) -> None:
         config = self.config_init["fit"]
-        self._check_shards("fit")
+        self._prepare_data("fit")
         check_fresh_run_folder(self.trainer, config.get("ckpt_path"))  # before `auto` is resolved to a file
         config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), self.config["fit"].trainer.default_root_dir)
         announce_run_folder(self.trainer, config.ckpt_path)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torch.nn.functional import interpolate
 from torch.utils.data import DataLoader, default_collate
@@ -76,12 +77,7 @@ def fixed_batch(height: int, width: int, batch: int, device: torch.device, seed:
     samples = [build_targets(decode_sample(random_sample(f"fixed-{i}", height, width, rng))) for i in range(batch)]
     for sample in samples:
         sample["skipped"] = no_skips()
-    return to_device(default_collate(samples), device)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors moved to `device`, everything else as it is."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return move_data_to_device(default_collate(samples), device)
 
 
 @dataclass

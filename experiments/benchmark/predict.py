@@ -52,7 +52,7 @@ class PredictSettings:
     seed: int = 0
 
 
-def padded_size(height: int, width: int, resolution: int, factor: int = 8) -> tuple[int, int]:
+def padded_size(height: int, width: int, resolution: int, factor: int) -> tuple[int, int]:
     """The size the UNet sees: processing size, padded up to a multiple of the VAE factor."""
     h, w = processing_size(height, width, resolution)
     return -(-h // factor) * factor, -(-w // factor) * factor
@@ -117,7 +117,7 @@ def ours_vs_floor(
     """Per-image latency of ours and of the floor (alone, then interleaved with ours), in ms, and their ratio."""
     device = model.core.empty_text_embedding.device
     ours = Ours(model, s, size, bf16, steps, members)
-    floor = Floor(model, padded_size(*size, s.processing_resolution), bf16, steps, members)
+    floor = Floor(model, padded_size(*size, s.processing_resolution, model.core.vae_scale_factor), bf16, steps, members)
     for _ in range(s.warmup):
         ours()
         floor()
@@ -183,7 +183,7 @@ def infer_throughput(model: BenchModel, s: PredictSettings, bf16: bool) -> dict[
     """Images/s of `python -m experiments.infer` on a folder of PNGs (reading and writing included) against the
     floor's images/s at the same processing size, measured around each infer run."""
     device = model.core.empty_text_embedding.device
-    floor = Floor(model, padded_size(s.height, s.width, s.processing_resolution), bf16)
+    floor = Floor(model, padded_size(s.height, s.width, s.processing_resolution, model.core.vae_scale_factor), bf16)
     with quiet_libraries(), tempfile.TemporaryDirectory(prefix="dgft-bench-infer-") as tmp:
         root = Path(tmp)
         images = write_png_folder(root / "images", s.images, s.height, s.width, s.seed)

@@ -11,11 +11,11 @@ import random
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import default_collate
 
 from datamodules.shard_format import decode_sample
 from datamodules.targets import build_targets, hflip
-from experiments.benchmark.data import to_device
 from experiments.benchmark.loops import StepRunner
 from lightning_modules.core import GeometryCore
 from lightning_modules.objectives import Objective
@@ -47,7 +47,7 @@ class ReferenceStep(StepRunner):
             sample = build_targets(decode_sample(self.raw[self.next % len(self.raw)]))
             samples.append(hflip(sample) if self.rng.random() < 0.5 else sample)
             self.next += 1
-        return to_device(default_collate(samples), self.device)
+        return move_data_to_device(default_collate(samples), self.device)
 
     def step(self) -> None:
         self.optimizer_step(self.prepare())
