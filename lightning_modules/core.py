@@ -45,6 +45,13 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {
 }
 
 
+def _like_weights(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """`x` in channels-last layout when `conv`'s weights are (`SpeedSpec.channels_last`), else unchanged."""
+    if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 class GeometryCore(nn.Module):
     """VAE + UNet + empty-prompt embedding of a Marigold-style model, with encode / denoise / x0 / decode.
 
@@ -106,19 +113,18 @@ class GeometryCore(nn.Module):
         autograd is on, since an inference tensor may not enter a graph that is differentiated.
         """
         with torch.inference_mode():
-            latent = self.vae.encode(image).latent_dist.mode() * self.latent_scale
+            latent = self.vae.encode(_like_weights(image, self.vae.encoder.conv_in)).latent_dist.mode()
+            latent = latent * self.latent_scale
         return latent.clone() if torch.is_grad_enabled() else latent
 
     def decode(self, latent: Tensor) -> Tensor:
         """Frozen VAE decoder, kept in the autograd graph so task losses reach the UNet."""
-        return self.vae.decode(latent / self.latent_scale).sample
+        return self.vae.decode(_like_weights(latent / self.latent_scale, self.vae.decoder.conv_in)).sample
 
     def denoise(self, z_rgb: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
         """Raw UNet output for [image latent, noisy target latent] at timesteps t with the empty prompt."""
         context = self.empty_text_embedding.expand(z_rgb.shape[0], -1, -1).to(z_rgb.dtype)
-        x = torch.cat([z_rgb, z_t], dim=1)
-        if self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):  # speed.channels_last
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _like_weights(torch.cat([z_rgb, z_t], dim=1), self.unet.conv_in)
         return self.unet(x, t, encoder_hidden_states=context).sample
 
     def alpha_bar(self, t: Tensor) -> Tensor:

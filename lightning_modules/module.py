@@ -29,7 +29,7 @@ from lightning_modules.objectives import Objective, build_objective, objective_c
 from lightning_modules.padding import drop_padding
 from lightning_modules.predictor import predict, predict_latent
 from lightning_modules.skips import SkipCounts
-from lightning_modules.speed import SpeedSpec, adamw_options, apply_to_unet
+from lightning_modules.speed import SpeedSpec, adamw_options, apply_to_core
 from lightning_modules.tasks import TASKS, build_task
 from lightning_modules.tiny import TinySpec, build_tiny_components
 
@@ -74,7 +74,8 @@ class GeometryEstimator(L.LightningModule):
         max_empty_batches: stop training with `NoValidPixelsError` after this many consecutive micro-batches without
             a valid pixel (by the task's `valid_mask`, over all devices); 0 = never stop. Each such micro-batch is
             counted (`train/empty_batches`) and warned about (every `EMPTY_BATCH_WARN_EVERY`-th).
-        speed: speed switches (`lightning_modules.speed.SpeedSpec`: channels_last, compile_unet, optimizer_impl).
+        speed: speed switches (`lightning_modules.speed.SpeedSpec`: channels_last, contiguous_group_norm,
+            compile_unet, optimizer_impl).
     """
 
     def __init__(
@@ -124,7 +125,7 @@ class GeometryEstimator(L.LightningModule):
         folder_options = TASKS[task].folder_options(_model_index(pretrained))
         if folder_options:
             self.task = build_task(task, **folder_options)
-        apply_to_unet(self.core.unet, self.speed)
+        apply_to_core(self.core, self.speed)
         self.configure_metrics()
 
     # ----------------------------------------------------------------------------------------------- set-up

@@ -71,7 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=on_off,
         default=[False],
-        help="UNet in channels_last (SpeedSpec.channels_last) for ours and bare: off, on or both",
+        help="UNet and VAE in channels_last (SpeedSpec.channels_last) for ours and bare: off, on or both",
+    )
+    train.add_argument(
+        "--contiguous_group_norm",
+        nargs="+",
+        type=on_off,
+        default=[True],
+        help="SpeedSpec.contiguous_group_norm for ours and bare: on, off or both (the reference: off)",
     )
     train.add_argument(
         "--optimizer_impl",
@@ -143,7 +150,8 @@ def run(args: argparse.Namespace, notes: list[str]) -> tuple[dict[str, Any], Any
         s = TrainSettings(
             arch=args.arch, device=args.device, batch=args.batch, height=args.height, width=args.width,
             objectives=args.objectives, checkpointing=args.checkpointing, precisions=args.precisions,
-            impls=args.impls, channels_last=args.channels_last, optimizer_impl=args.optimizer_impl,
+            impls=args.impls, channels_last=args.channels_last, contiguous_group_norm=args.contiguous_group_norm,
+            optimizer_impl=args.optimizer_impl,
             memory=not args.no_memory, grad_clip=args.grad_clip, **common,
         )  # fmt: skip
         notes.append("ours (lightning) and bare step on one fixed batch already on the device; the reference "

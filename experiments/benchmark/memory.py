@@ -39,7 +39,7 @@ def probe(payload: dict[str, Any]) -> dict[str, float]:
     """In the child: build, run one implementation of one configuration, report model and peak RSS in MB."""
     import torch
 
-    from experiments.benchmark.train import Config, Setup, TrainSettings, set_layout
+    from experiments.benchmark.train import Config, Setup, TrainSettings, set_impl_layout
 
     reset_peak()
     if payload["threads"]:
@@ -48,7 +48,7 @@ def probe(payload: dict[str, Any]) -> dict[str, float]:
     setup = Setup(settings)
     config = Config(**payload["config"])
     runner = setup.runner(payload["impl"], config)
-    set_layout(setup.model.core, config, payload["impl"])
+    set_impl_layout(setup.model.core, config, payload["impl"])
     model_mb = status_mb("VmRSS")
     runner.run(settings.warmup, 1)
     return {"model_mb": model_mb, "peak_mb": status_mb("VmHWM")}

@@ -77,13 +77,14 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 def train_table(rows: list[dict[str, Any]]) -> str:
     impls = list(rows[0]["impls"]) if rows else []
-    head = ["objective", "checkpointing", "precision", "channels_last"]
+    head = ["objective", "checkpointing", "precision", "channels_last", "contiguous GN"]
     head += [f"{i} ms/step" for i in impls] + [f"{i} samples/s" for i in impls] + [f"{i} peak MB" for i in impls]
     head += ["ours / bare (time)", "ours vs reference (speed-up)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 5 + "---:|" * (len(head) - 5)]
     for r in rows:
         cells = [r["objective"], "on" if r["checkpointing"] else "off", r["precision"]]
         cells.append("on" if r.get("channels_last") else "off")
+        cells.append("on" if r.get("contiguous_group_norm", False) else "off")
         cells += [_ms(r["impls"][i]["ms_per_step"]) for i in impls]
         cells += [_num(r["impls"][i]["samples_per_s"]) for i in impls]
         cells += [_num(r["impls"][i].get("peak_mb"), 0) for i in impls]

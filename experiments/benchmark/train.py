@@ -20,7 +20,7 @@ from experiments.benchmark.models import BenchModel, build_model, estimator_for,
 from experiments.benchmark.reference import ReferenceStep
 from experiments.benchmark.timing import Stats, interleaved
 from lightning_modules.objectives import DiffusionObjective, E2EObjective, Objective
-from lightning_modules.speed import SpeedSpec
+from lightning_modules.speed import SpeedSpec, set_layout
 
 OBJECTIVES: dict[str, type[Objective]] = {"e2e": E2EObjective, "diffusion": DiffusionObjective}
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -46,6 +46,7 @@ class TrainSettings:
     iters: int = 3
     repeats: int = 3
     channels_last: list[bool] = field(default_factory=lambda: [False])
+    contiguous_group_norm: list[bool] = field(default_factory=lambda: [True])
     optimizer_impl: str = "auto"
     memory: bool = True
     grad_clip: float = 0.0
@@ -60,11 +61,17 @@ class Config:
     checkpointing: bool
     precision: str
     channels_last: bool = False
+    contiguous_group_norm: bool = True
 
 
 def configs(s: TrainSettings) -> list[Config]:
     return [
-        Config(o, c, p, m) for o in s.objectives for c in s.checkpointing for p in s.precisions for m in s.channels_last
+        Config(o, c, p, m, g)
+        for o in s.objectives
+        for c in s.checkpointing
+        for p in s.precisions
+        for m in s.channels_last
+        for g in s.contiguous_group_norm
     ]
 
 
@@ -89,7 +96,11 @@ class Setup:
         set_checkpointing(core, config.checkpointing)
         if impl == "lightning":
             self.module.objective = objective
-            self.module.speed = SpeedSpec(channels_last=config.channels_last, optimizer_impl=s.optimizer_impl)
+            self.module.speed = SpeedSpec(
+                channels_last=config.channels_last,
+                contiguous_group_norm=config.contiguous_group_norm,
+                optimizer_impl=s.optimizer_impl,
+            )
             return LightningRun(self.module, self.batch, self.device, config.precision, s.grad_clip)
         if impl == "bare":
             bf16 = config.precision == "bf16-mixed"
@@ -99,10 +110,11 @@ class Setup:
         raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
 
 
-def set_layout(core: torch.nn.Module, config: Config, impl: str) -> None:
-    """Ours and the bare loop in the configuration's layout (SpeedSpec.channels_last); the reference contiguous."""
-    channels_last = config.channels_last and impl != "reference"
-    core.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+def set_impl_layout(core: torch.nn.Module, config: Config, impl: str) -> None:
+    """Ours and the bare loop in the configuration's layout and GroupNorm route (SpeedSpec.channels_last,
+    .contiguous_group_norm); the reference as diffusers builds it (contiguous weights, plain nn.GroupNorm)."""
+    ours = impl != "reference"
+    set_layout(core, config.channels_last and ours, config.contiguous_group_norm and ours)
 
 
 def measure_config(setup: Setup, config: Config) -> dict[str, dict[str, Any]]:
@@ -112,7 +124,7 @@ def measure_config(setup: Setup, config: Config) -> dict[str, dict[str, Any]]:
     peaks: dict[str, tuple[int, int]] = {impl: (0, 0) for impl in s.impls}
 
     def run(impl: str) -> float:
-        set_layout(setup.model.core, config, impl)
+        set_impl_layout(setup.model.core, config, impl)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
