@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu.sh                       # tables on stdout; JSON + Markdown in results/benchmark/gpu_*
 #
 # What it measures (docs/benchmarks.md explains each number):
-#   1. SD2-size E2E training step at 480x640, batch 2, bf16-mixed, gradient checkpointing off and on: ms/step,
+#   1. SD2-size E2E training step at 480x640, batch 2, bf16-mixed, gradient checkpointing off and on, channels_last
+#      off and on: ms/step,
 #      CUDA peak memory and whether it fits a 24 GB card; ours (Lightning) against the bare loop and the
 #      reference-style baseline (fp32, data prepared in the step).
 #   2. SD2-size single-step prediction at 576x768, fp32 and bf16: ms and images/s against the bare floor
@@ -42,9 +43,9 @@ bench() {
 "$PY" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 
-# 1. SD2-size E2E step, batch 2, bf16-mixed, checkpointing off / on
+# 1. SD2-size E2E step, batch 2, bf16-mixed, checkpointing off / on, NCHW / NHWC (decides speed.channels_last on GPUs)
 bench --mode train --arch "$SD2_ARCH" --objectives e2e --precisions bf16-mixed --checkpointing off on \
-  --batch 2 "${TRAIN_SIZE[@]}" "${TIMING[@]}" --out "$OUT/gpu_sd2_train"
+  --channels_last off on --batch 2 "${TRAIN_SIZE[@]}" "${TIMING[@]}" --out "$OUT/gpu_sd2_train"
 # 2. SD2-size single-step prediction (no multi-step row, no folder run: --steps 0, --images 0)
 bench --mode predict --arch "$SD2_ARCH" "${PREDICT_SIZE[@]}" --precisions 32-true bf16-mixed --steps 0 --images 0 \
   "${TIMING[@]}" --out "$OUT/gpu_sd2_predict"

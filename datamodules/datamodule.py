@@ -85,7 +85,8 @@ class ShardDataModule(L.LightningDataModule):
             `min_depth` metadata).
         max_depth: upper end of the valid range in metres (exclusive; tightened by a sample's `max_depth`).
         synthetic: generate procedural scenes into a cache folder on first use and use them.
-        decode_normals: decode `normals.png` (a third of the decode time at 480x640); False gives zero `normals`.
+        decode_normals: decode `normals.png` (a third of the decode time at 480x640); False: batches carry no
+            `normals` at all.
             None (default): `python -m experiments` sets it from the model's task (depth models skip normals),
             True elsewhere.
         pin_memory: page-locked batches for faster, asynchronous copies to a GPU; None (default): when the

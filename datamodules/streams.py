@@ -287,7 +287,7 @@ class TrainStream(IterableDataset):
 
     def _transform(self, rng: random.Random) -> Callable[[dict], dict]:
         def transform(decoded: dict) -> dict:
-            sample = build_targets(decoded, self.min_depth, self.max_depth)
+            sample = build_targets(decoded, self.min_depth, self.max_depth, with_normals=self.decode_normals)
             return hflip(sample) if rng.random() < self.hflip_prob else sample
 
         return transform
@@ -445,13 +445,13 @@ class ValidationStream(IterableDataset):
 
     def _target(self, raw: dict[str, Any]) -> dict[str, Any]:
         decoded = decode_sample(raw, normals=self.decode_normals)
-        return build_targets(decoded, self.min_depth, self.max_depth, vae_factor=1)
+        return build_targets(decoded, self.min_depth, self.max_depth, vae_factor=1, with_normals=self.decode_normals)
 
     def _blank(self) -> dict[str, Any]:
         """A shape template for a worker without a real sample: its batches are all padding, which no model runs."""
         blank = {"key": PAD_KEY, "rgb": np.zeros((8, 8, 3), np.uint8), "depth": np.zeros((8, 8), np.float32),
                  "mask": np.zeros((8, 8), bool), "meta": {}}  # fmt: skip
-        return build_targets(blank, self.min_depth, self.max_depth, vae_factor=1)
+        return build_targets(blank, self.min_depth, self.max_depth, vae_factor=1, with_normals=self.decode_normals)
 
     def _padded(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         """The samples `worker` of `rank` yields in a pass (real ones, then padding), unbatched."""

@@ -55,12 +55,18 @@ def _quantiles(values: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]
 
 
 def build_targets(
-    sample: dict[str, Any], min_depth: float = 1e-5, max_depth: float = 80.0, vae_factor: int = 8
+    sample: dict[str, Any],
+    min_depth: float = 1e-5,
+    max_depth: float = 80.0,
+    vae_factor: int = 8,
+    with_normals: bool = True,
 ) -> dict[str, Any]:
     """Decoded sample (numpy, see shard_format) -> tensors of the batch contract.
 
     The valid range is the intersection of (min_depth, max_depth) with the sample's own `min_depth`/`max_depth`
     metadata, when present. A normals-only sample (`has_depth` false) keeps its stored mask and zero depth targets.
+    `with_normals`: a `normals` entry (zeros where the sample has none); False leaves it out, so a depth run neither
+    builds, flips, collates nor ships three planes of zeros (a third of the batch's bytes).
     """
     key = sample["key"]
     height, width = sample["depth"].shape
@@ -93,21 +99,21 @@ def build_targets(
             mask = torch.zeros_like(mask)
             depth = torch.zeros_like(depth)
 
-    if "normals" in sample:
-        normals = np.ascontiguousarray(np.asarray(sample["normals"], dtype=np.float32).transpose(2, 0, 1))
-        normals = torch.where(mask, torch.from_numpy(normals), 0.0)
-    else:
-        normals = torch.zeros(3, height, width)
-    return {
+    targets = {
         "key": key,
         "source": str(meta.get("source", "unknown")),
         "rgb": rgb,
         "depth": depth,
         "depth_target": target,
         "depth_norm": normalised,
-        "normals": normals,
         "mask": mask,
     }
+    if with_normals and "normals" in sample:
+        normals = np.ascontiguousarray(np.asarray(sample["normals"], dtype=np.float32).transpose(2, 0, 1))
+        targets["normals"] = torch.where(mask, torch.from_numpy(normals), 0.0)
+    elif with_normals:
+        targets["normals"] = torch.zeros(3, height, width)
+    return targets
 
 
 def no_skips() -> Tensor:

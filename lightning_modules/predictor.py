@@ -76,8 +76,11 @@ def _predict_members(
     for chunk in images.split(batch_size):
         x = chunk.to(device=device, dtype=torch.float32)
         x = MarigoldImageProcessor.resize_antialias(x, size, "bilinear", is_aa=True) if x.shape[-2:] != size else x
-        x, padding = MarigoldImageProcessor.pad_image(x, core.vae_scale_factor)
-        x = (x * 2 - 1).to(dtype)
+        if x.shape[-2] % core.vae_scale_factor or x.shape[-1] % core.vae_scale_factor:
+            x, padding = MarigoldImageProcessor.pad_image(x, core.vae_scale_factor)
+        else:  # replicate-padding by zero pixels would still copy the image
+            padding = (0, 0)
+        x = x.mul(2).sub_(1).to(dtype)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             z_rgb = core.encode(x)  # once per chunk: members differ only in their initial latent
         members = []
@@ -114,7 +117,7 @@ def predict(
         raise ValueError(f"expected images [B,3,H,W], got {tuple(images.shape)}")
     if ensemble_size < 1 or batch_size < 1:
         raise ValueError(f"ensemble_size and batch_size must be >= 1, got {ensemble_size} and {batch_size}")
-    low, high = float(images.min()), float(images.max())
+    low, high = (float(v) for v in torch.aminmax(images))  # one pass
     if low < -1e-3 or high > 1 + 1e-3:
         raise ValueError(
             f"images must be in [0, 1] (got values in [{low:.3g}, {high:.3g}]; map [-1, 1] by (x + 1) / 2)"

@@ -71,8 +71,10 @@ def test_train_speed_switches_are_configurations(tmp_path: Path) -> None:
     doc = run_mode(
         tmp_path, "train", "--height", "32", "--width", "32", "--no_memory", "--objectives", "e2e", "--checkpointing",
         "off", "--precisions", "32-true", "--channels_last", "off", "on", "--optimizer_impl", "for_loop",
+        "--contiguous_group_norm", "off", "on",
     )  # fmt: skip
-    assert [row["channels_last"] for row in doc["results"]] == [False, True]
+    switches = [(row["channels_last"], row["contiguous_group_norm"]) for row in doc["results"]]
+    assert switches == [(False, False), (False, True), (True, False), (True, True)]
     assert doc["settings"]["optimizer_impl"] == "for_loop" and doc["settings"]["channels_last"] == [False, True]
     assert all(set(row["impls"]) == set(IMPLS) for row in doc["results"])
 
@@ -180,6 +182,7 @@ def test_gpu_script_runs_the_documented_measurements(tmp_path: Path) -> None:
         [False, True],
     )
     assert (train.batch, train.height, train.width) == (2, 480, 640)
+    assert train.channels_last == [False, True] and train.contiguous_group_norm == [True]
     predict = by_out["gpu_sd2_predict"]
     assert (predict.arch, predict.height, predict.width, predict.steps) == ("sd2", 576, 768, 0)
     assert by_out["gpu_tiny_train"].arch == by_out["gpu_tiny_predict"].arch == "tiny"

@@ -44,7 +44,8 @@ class ReferenceStep(StepRunner):
         """The next micro-batch, decoded and preprocessed sample by sample in this process."""
         samples = []
         for _ in range(self.batch_size):
-            sample = build_targets(decode_sample(self.raw[self.next % len(self.raw)]))
+            decoded = decode_sample(self.raw[self.next % len(self.raw)], normals=self.task.needs_normals)
+            sample = build_targets(decoded, with_normals=self.task.needs_normals)
             samples.append(hflip(sample) if self.rng.random() < 0.5 else sample)
             self.next += 1
         return move_data_to_device(default_collate(samples), self.device)
