@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed iterations per round (train/predict 3, sd2 on the CPU 1, data 16)",
     )
     p.add_argument("--repeats", type=int, default=3, help="rounds; median and spread over them")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; data: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output stem (default results/benchmark/<mode>)")
     p.add_argument("--precisions", nargs="+", choices=["32-true", "bf16-mixed"], default=None,
@@ -136,6 +136,11 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[s
     args.iters = args.iters or (16 if args.mode == "data" else 3)
     args.precisions = args.precisions or (["32-true", "bf16-mixed"] if args.mode == "train" else ["32-true"])
     args.out = args.out or Path("results/benchmark") / args.mode
+    if args.threads is None and args.mode == "data":
+        # A dataloader worker runs one torch thread; the main process does too here, so that the 0-workers row is
+        # one core's worth and idle intra-op threads do not crowd the workers (2 threads cost them ~20 % here).
+        args.threads = 1
+        notes.append("data: the main process on 1 torch thread, as every dataloader worker (--threads to change)")
     if args.threads:
         torch.set_num_threads(args.threads)
     return notes
