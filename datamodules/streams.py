@@ -444,14 +444,17 @@ class ValidationStream(IterableDataset):
         return batches(self._padded(rank, world, worker, workers), self.batch_size, drop_last=False)
 
     def _target(self, raw: dict[str, Any]) -> dict[str, Any]:
-        decoded = decode_sample(raw, normals=self.decode_normals)
+        return self._targets(decode_sample(raw, normals=self.decode_normals))
+
+    def _targets(self, decoded: dict[str, Any]) -> dict[str, Any]:
+        """Evaluation targets at any size (validation shards are not resized to the VAE factor)."""
         return build_targets(decoded, self.min_depth, self.max_depth, vae_factor=1, with_normals=self.decode_normals)
 
     def _blank(self) -> dict[str, Any]:
         """A shape template for a worker without a real sample: its batches are all padding, which no model runs."""
         blank = {"key": PAD_KEY, "rgb": np.zeros((8, 8, 3), np.uint8), "depth": np.zeros((8, 8), np.float32),
                  "mask": np.zeros((8, 8), bool), "meta": {}}  # fmt: skip
-        return build_targets(blank, self.min_depth, self.max_depth, vae_factor=1, with_normals=self.decode_normals)
+        return self._targets(blank)
 
     def _padded(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         """The samples `worker` of `rank` yields in a pass (real ones, then padding), unbatched."""

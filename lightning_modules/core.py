@@ -22,6 +22,7 @@ from lightning_modules.components import (
     ensure_eight_channel_unet,
 )
 from lightning_modules.inference import InferenceSpec, inference_scheduler, initial_latent, sample_latent
+from lightning_modules.speed import is_channels_last
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {
 
 def _like_weights(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """`x` in channels-last layout when `conv`'s weights are (`SpeedSpec.channels_last`), else unchanged."""
-    if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
+    if is_channels_last(conv.weight):
         return x.contiguous(memory_format=torch.channels_last)
     return x
 

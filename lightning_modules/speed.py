@@ -50,6 +50,11 @@ class SpeedSpec:
             raise ValueError(f"attention_backend must be 'sdpa', got {self.attention_backend!r}")
 
 
+def is_channels_last(t: Tensor) -> bool:
+    """NHWC strides that are not also NCHW-contiguous (a 1x1 kernel or a single channel is both)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 class ContiguousGroupNorm(nn.GroupNorm):
     """nn.GroupNorm that, on the CPU under autograd, normalises a channels-last low-precision input through a
     contiguous copy and hands the result back channels-last (see `SpeedSpec.contiguous_group_norm`)."""
@@ -60,9 +65,7 @@ class ContiguousGroupNorm(nn.GroupNorm):
             and x.dtype in (torch.bfloat16, torch.float16)
             and x.requires_grad
             and torch.is_grad_enabled()
-            and x.dim() == 4
-            and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)
+            and is_channels_last(x)
         ):
             y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
             return y.contiguous(memory_format=torch.channels_last)

@@ -40,6 +40,11 @@ def on_off(text: str) -> bool:
     return text == "on"
 
 
+def add_switches(group: argparse._ArgumentGroup, name: str, default: list[bool], help: str) -> None:
+    """An option taking `on`, `off` or both (each a configuration measured)."""
+    group.add_argument(name, nargs="+", type=on_off, default=default, help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.splitlines()[0])
     p.add_argument("--mode", required=True, choices=MODES)
@@ -63,23 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train default: both; predict default: 32-true")  # fmt: skip
     train = p.add_argument_group("train")
     train.add_argument("--objectives", nargs="+", choices=["e2e", "diffusion"], default=["e2e", "diffusion"])
-    train.add_argument("--checkpointing", nargs="+", type=on_off, default=[False, True], help="off, on or both")
+    add_switches(train, "--checkpointing", [False, True], "off, on or both")
     train.add_argument("--impls", nargs="+", choices=["lightning", "bare", "reference"],
                        default=["lightning", "bare", "reference"])  # fmt: skip
-    train.add_argument(
-        "--channels_last",
-        nargs="+",
-        type=on_off,
-        default=[False],
-        help="UNet and VAE in channels_last (SpeedSpec.channels_last) for ours and bare: off, on or both",
-    )
-    train.add_argument(
-        "--contiguous_group_norm",
-        nargs="+",
-        type=on_off,
-        default=[True],
-        help="SpeedSpec.contiguous_group_norm for ours and bare: on, off or both (the reference: off)",
-    )
+    add_switches(train, "--channels_last", [False],
+                 "UNet and VAE in channels_last (SpeedSpec.channels_last) for ours and bare: off, on or both")  # fmt: skip
+    add_switches(train, "--contiguous_group_norm", [True],
+                 "SpeedSpec.contiguous_group_norm for ours and bare: on, off or both (the reference: off)")  # fmt: skip
     train.add_argument(
         "--optimizer_impl",
         choices=["auto", "fused", "foreach", "for_loop"],
@@ -100,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--resolutions", nargs="+", type=size, default=[(480, 640), (352, 1216)])
     data.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
-    data.add_argument("--normals", nargs="+", type=on_off, default=[False, True],
-                      help="decode normals.png: off (a depth run), on (a normals run) or both")  # fmt: skip
+    add_switches(data, "--normals", [False, True], "decode normals.png: off (a depth run), on (a normals run) or both")
     data.add_argument("--samples", type=int, default=32, help="random samples written to the shards")
     data.add_argument("--shuffle_buffer", type=int, default=100)
     return p
